@@ -1,0 +1,3 @@
+from loraedit.cli import main
+
+raise SystemExit(main())

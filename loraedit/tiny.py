@@ -1,0 +1,83 @@
+"""A tiny, randomly initialised Wan2.1-I2V model in the real diffusers folder layout.
+
+Built from the same classes as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers (UMT5 text encoder, CLIP
+vision encoder, AutoencoderKLWan with the real 4x temporal / 8x spatial factors and 16 latent
+channels, WanTransformer3DModel with the 36-channel I2V input and the image attention path), so
+that code exercised on it takes exactly the loading and tensor paths of the real model. Used by the
+tests and the benchmarks; it downloads nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "a an the of and in on with to at is are his her their red blue green yellow white black brown orange purple "
+    "pink gray man woman person cat dog kitten car ball hat jacket shirt clothes cowboy walking running turning "
+    "head floor wooden street grass sky background video frame moving object shape square circle bright dark "
+    "overexposed static blurred details subtitles style works paintings images overall worst quality low jpeg "
+    "compression residue ugly incomplete extra fingers poorly drawn hands faces deformed disfigured misshapen "
+    "limbs fused still picture messy three legs many people walking backwards"
+).split()
+
+
+def build_tokenizer():
+    """A word-level tokenizer with T5's special tokens, built offline with `tokenizers`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in dict.fromkeys(WORDS):
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_transformer_config(**overrides) -> dict:
+    cfg = dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=48, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=16, added_kv_proj_dim=24, rope_max_seq_len=64,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def build_tiny_pipeline(seed: int = 0, transformer_overrides: dict | None = None, vae_base_dim: int = 8):
+    """A WanImageToVideoPipeline with tiny random components (not saved)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    ).eval()
+    image_encoder = CLIPVisionModel(
+        CLIPVisionConfig(hidden_size=16, intermediate_size=32, projection_dim=16, num_hidden_layers=2,
+                         num_attention_heads=2, image_size=32, patch_size=8)
+    ).eval()
+    image_processor = CLIPImageProcessor(crop_size={"height": 32, "width": 32}, size={"shortest_edge": 32})
+    vae = AutoencoderKLWan(base_dim=vae_base_dim, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    transformer = WanTransformer3DModel(**tiny_transformer_config(**(transformer_overrides or {}))).eval()
+    # the scheduler of the real Wan2.1-I2V-480P diffusers folder
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=3.0)
+    return WanImageToVideoPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+        image_processor=image_processor, image_encoder=image_encoder, transformer=transformer,
+    )
+
+
+def save_tiny_model(folder: str | Path, seed: int = 0, **kwargs) -> Path:
+    """Build the tiny model and save it in diffusers layout (model_index.json + component folders)."""
+    folder = Path(folder)
+    build_tiny_pipeline(seed=seed, **kwargs).save_pretrained(folder, safe_serialization=True)
+    return folder

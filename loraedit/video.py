@@ -1,0 +1,247 @@
+"""Reading and writing video and image files (PyAV for video, Pillow for images, OpenCV to resize).
+
+Frames are uint8 RGB numpy arrays (H, W, 3) everywhere outside the method's tensors.
+Intermediates are written losslessly (PNG, FFV1); only final results are H.264.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from loraedit.errors import InputError
+from loraedit.files import atomic_output
+
+LANDSCAPE = (832, 480)  # (width, height) of Wan's 480P bucket
+PORTRAIT = (480, 832)
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: str
+    width: int  # as displayed, after rotation metadata
+    height: int
+    fps: float
+    n_frames: int
+    rotation: int  # degrees, as stored in the file's display matrix
+    has_audio: bool
+
+
+def _open(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such video file; check the path")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as exc:
+        raise InputError(f"{path}: cannot be read as a video ({exc.__class__.__name__}); re-encode it, e.g. to H.264 mp4") from None
+    if not container.streams.video:
+        container.close()
+        raise InputError(f"{path}: has no video stream; pass a video file")
+    return container
+
+
+def _rotation(stream, first_frame=None) -> int:
+    rot = getattr(first_frame, "rotation", None) if first_frame is not None else None
+    if rot is None:
+        rot = int(float(stream.metadata.get("rotate", 0) or 0))
+    return int(rot) % 360
+
+
+def _apply_rotation(img: np.ndarray, rotation: int) -> np.ndarray:
+    # the display matrix angle is counter-clockwise; undo it so frames look as players show them
+    if rotation == 90:
+        return cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    if rotation == 180:
+        return cv2.rotate(img, cv2.ROTATE_180)
+    if rotation == 270:
+        return cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE)
+    return img
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Size, frame rate and exact frame count (counted by demuxing, not trusted from the header)."""
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        n = 0
+        try:
+            for packet in container.demux(stream):
+                if packet.size:
+                    n += 1
+        except av.error.FFmpegError:
+            pass  # a truncated file: keep what could be read
+        container.seek(0)
+        first = None
+        try:
+            first = next(container.decode(stream))
+        except (StopIteration, av.error.FFmpegError):
+            pass
+        if first is None or n == 0:
+            raise InputError(f"{path}: contains no decodable frames; check the file or re-encode it")
+        rotation = _rotation(stream, first)
+        w, h = first.width, first.height
+        if rotation in (90, 270):
+            w, h = h, w
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        return VideoInfo(str(path), w, h, float(rate), n, rotation, bool(container.streams.audio))
+
+
+def frame_indices(n_total: int, frames: int, start: int = 0, stride: int | None = None, path: str = "video") -> list[int]:
+    """Which source frames to use: `frames` of them from `start`, every `stride`-th, or spread evenly."""
+    if start < 0 or start >= n_total:
+        raise InputError(f"{path}: --start {start} is outside the clip's {n_total} frames")
+    available = n_total - start
+    if stride is None:
+        if available < frames:
+            raise InputError(f"{path}: has {available} frames from --start {start}, fewer than --frames {frames}; ask for fewer frames")
+        if frames == 1:
+            return [start]
+        step = (available - 1) / (frames - 1)
+        return [start + round(i * step) for i in range(frames)]
+    if stride < 1:
+        raise InputError(f"--stride must be at least 1, got {stride}")
+    last = start + (frames - 1) * stride
+    if last >= n_total:
+        raise InputError(f"{path}: has {n_total} frames, too few for --frames {frames} with --stride {stride} from --start {start}; lower --frames or --stride")
+    return list(range(start, last + 1, stride))
+
+
+def read_video_frames(path: str | Path, indices: list[int]) -> np.ndarray:
+    """Decode the frames at `indices` (in decode order) → (N, H, W, 3) uint8 RGB."""
+    wanted = sorted(set(indices))
+    found: dict[int, np.ndarray] = {}
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        rotation = None
+        i = -1
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                if rotation is None:
+                    rotation = _rotation(stream, frame)
+                if i in indices:
+                    found[i] = _apply_rotation(frame.to_ndarray(format="rgb24"), rotation)
+                if i >= wanted[-1]:
+                    break
+        except av.error.FFmpegError:
+            pass
+    missing = [j for j in wanted if j not in found]
+    if missing:
+        raise InputError(f"{path}: frame {missing[0]} could not be decoded (the file has {i + 1} readable frames); ask for fewer frames or re-encode it")
+    return np.stack([found[j] for j in indices])
+
+
+def default_size(width: int, height: int) -> tuple[int, int]:
+    """Wan's 480P bucket matching the source's orientation."""
+    return LANDSCAPE if width >= height else PORTRAIT
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'832x480' → (832, 480); both sides must be positive multiples of 16."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--size {text!r}: write it as WIDTHxHEIGHT, e.g. 832x480") from None
+    if w <= 0 or h <= 0 or w % 16 or h % 16:
+        raise InputError(f"--size {text}: width and height must be positive multiples of 16 (e.g. 832x480)")
+    return w, h
+
+
+def fit_to_size(img: np.ndarray, width: int, height: int, nearest: bool = False) -> np.ndarray:
+    """Resize to cover (width, height) keeping aspect, then centre-crop. Works for (H,W) and (H,W,C)."""
+    h, w = img.shape[:2]
+    if (w, h) == (width, height):
+        return img
+    scale = max(width / w, height / h)
+    nw, nh = max(width, math.ceil(w * scale - 1e-6)), max(height, math.ceil(h * scale - 1e-6))
+    if nearest:
+        interp = cv2.INTER_NEAREST
+    else:
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    resized = cv2.resize(img, (nw, nh), interpolation=interp)
+    x0, y0 = (nw - width) // 2, (nh - height) // 2
+    return np.ascontiguousarray(resized[y0 : y0 + height, x0 : x0 + width])
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Any PNG/JPEG (grayscale, 16-bit, palette, alpha) → (H, W, 3) uint8 RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such image file; check the path")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                peak = 65535.0 if arr.max() > 255 else 255.0
+                arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                return np.repeat(arr[..., None], 3, axis=2)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                # composite transparent pixels onto black rather than keeping undefined colours
+                rgba = im.convert("RGBA")
+                bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+                return np.asarray(Image.alpha_composite(bg, rgba).convert("RGB"))
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{path}: cannot be read as an image ({exc.__class__.__name__}); save it as PNG") from None
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """An image as (H, W) uint8 luminance (for masks)."""
+    rgb = read_image(path)
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def write_png(path: str | Path, img: np.ndarray) -> None:
+    with atomic_output(path) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float, lossless: bool = False, audio_from: str | None = None) -> None:
+    """Write (N, H, W, 3) uint8 frames: H.264 mp4 (yuv420p, plays everywhere) or lossless FFV1 mkv.
+
+    `audio_from`: a source file whose first audio stream is copied in (cut to the video's length).
+    """
+    frames = np.asarray(frames)
+    rate = Fraction(fps).limit_denominator(1001)
+    with atomic_output(path) as tmp:
+        with av.open(str(tmp), mode="w") as out:
+            if lossless:
+                stream = out.add_stream("ffv1", rate=rate)
+                stream.pix_fmt = "rgb24" if frames.ndim == 4 else "gray"
+            else:
+                stream = out.add_stream("libx264", rate=rate)
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": "16", "preset": "medium"}
+            stream.height, stream.width = frames.shape[1], frames.shape[2]
+            if not lossless and (stream.width % 2 or stream.height % 2):
+                raise ValueError("H.264 needs even frame sizes")
+            audio_in = audio_out = None
+            if audio_from is not None:
+                audio_in = av.open(str(audio_from))
+                if audio_in.streams.audio:
+                    audio_out = out.add_stream_from_template(audio_in.streams.audio[0])
+            fmt = "rgb24" if frames.ndim == 4 else "gray"
+            for img in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format=fmt)):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+            if audio_out is not None:
+                duration = len(frames) / float(rate)
+                src = audio_in.streams.audio[0]
+                for packet in audio_in.demux(src):
+                    if packet.dts is None:
+                        continue
+                    if packet.pts is not None and packet.pts * src.time_base > duration:
+                        break
+                    packet.stream = audio_out
+                    out.mux(packet)
+            if audio_in is not None:
+                audio_in.close()
