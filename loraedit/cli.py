@@ -294,9 +294,11 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*non-writable tensors.*")
     for name in ("diffusers", "transformers"):
         try:
-            importlib.import_module(f"{name}.utils.logging").set_verbosity_error()
+            lib_logging = importlib.import_module(f"{name}.utils.logging")
         except ImportError:
-            pass
+            continue
+        lib_logging.set_verbosity_error()
+        lib_logging.disable_progress_bar()  # loading bars; our own stages show progress with an ETA
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def memory_mode(requested: str, device: torch.device) -> str:
+    """'auto' → fp32 on the CPU; on a GPU bf16 when the 14B weights (28 GB) fit with room, else fp8."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return "bf16" if total >= 48 else "fp8"
+
+
 def check_model(path: str) -> str:
     """A local diffusers folder of a Wan I2V pipeline (or a hub id, which diffusers downloads)."""
     p = Path(path)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from loraedit import method
-from loraedit.models import load_scheduler, load_trained_lora, load_transformer, load_vae, peak_memory_gb, release_memory
+from loraedit.models import memory_mode, load_scheduler, load_trained_lora, load_transformer, load_vae, peak_memory_gb, release_memory
 from loraedit.video import write_png, write_video
 
 log = logging.getLogger("loraedit")
@@ -65,7 +65,7 @@ def run(args, run_dir: Path, prepared: dict, cache: dict[str, torch.Tensor], dev
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    memory = args.memory if args.memory != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    memory = memory_mode(args.memory, device)
     transformer = load_transformer(args.model, device, memory).eval()
     lora_file = run_dir / "lora" / "pytorch_lora_weights.safetensors"
     if lora_file.is_file():

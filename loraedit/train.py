@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from loraedit import method
 from loraedit.files import atomic_output, read_json, write_json
-from loraedit.models import add_lora, load_transformer, lora_parameters, peak_memory_gb, save_lora
+from loraedit.models import memory_mode, add_lora, load_transformer, lora_parameters, peak_memory_gb, save_lora
 
 log = logging.getLogger("loraedit")
 
@@ -154,7 +154,7 @@ def run(args, run_dir: Path, cache: dict[str, torch.Tensor], device: torch.devic
     if total == 0:
         return {"total": 0, "seconds": 0.0}
 
-    memory = args.memory if args.memory != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    memory = memory_mode(args.memory, device)
     transformer = load_transformer(args.model, device, memory)
     add_lora(transformer, args.rank, args.alpha, args.lora_targets, seed=args.seed)
     if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.type == "cuda"):
