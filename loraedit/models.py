@@ -64,6 +64,9 @@ def check_model(path: str) -> str:
         raise InputError(f"{index}: is not valid JSON; re-download the model") from None
     if cls != "WanImageToVideoPipeline":
         raise InputError(f"{path}: is a {cls or 'unknown'} folder, not a Wan image-to-video model; pass a Wan2.1/2.2 I2V diffusers folder")
+    index_data = json.loads(index.read_text())
+    if (index_data.get("transformer_2") or [None])[0] or index_data.get("expand_timesteps"):
+        raise InputError(f"{path}: is a Wan2.2 model (two experts or TI2V-5B); this version supports Wan2.1 I2V folders, e.g. Wan2.1-I2V-14B-480P-Diffusers")
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (p / sub).is_dir():
             raise InputError(f"{path}: the '{sub}' folder is missing; the download is incomplete")

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from loraedit import method
 from loraedit.files import atomic_output, read_json, write_json
-from loraedit.models import memory_mode, add_lora, load_transformer, lora_parameters, peak_memory_gb, save_lora
+from loraedit.models import memory_mode, add_lora, load_transformer, lora_parameters, peak_memory_gb, release_memory, save_lora
 
 log = logging.getLogger("loraedit")
 
@@ -200,10 +200,13 @@ def run(args, run_dir: Path, cache: dict[str, torch.Tensor], device: torch.devic
     bar.close()
     seconds = time.perf_counter() - t0
     save_lora(transformer, run_dir / "lora", args.rank, args.alpha, args.lora_targets)
+    peak = peak_memory_gb(device)
+    del transformer, optimizer, params, samples
+    release_memory()
     result = {
         "total": total, "stage1_steps": args.steps, "stage2_steps": total - args.steps, "resumed_from": start,
         "seconds": seconds, "seconds_per_step": seconds / max(1, total - start), "memory_mode": memory,
-        "peak_memory_gb": peak_memory_gb(device), "final_loss": losses[-1] if losses else None,
+        "peak_memory_gb": peak, "final_loss": losses[-1] if losses else None,
     }
     write_json(done_file, result)
     return result

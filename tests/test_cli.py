@@ -143,6 +143,7 @@ def _bad(tiny_model, clip, tmp_path, **change):
     ("too short", "fewer than --frames"),
     ("empty mask", "mask is empty"),
     ("not wan", "not a Wan image-to-video model"),
+    ("wan 2.2", "is a Wan2.2 model"),
     ("no model", "no such model folder"),
     ("size", "multiples of 16"),
     ("ref outside", "outside the clip"),
@@ -170,6 +171,11 @@ def test_bad_input_gets_one_line_and_exit_code_2(case, expect, tiny_model, clip,
         idx = tmp_path / "other" / "model_index.json"
         idx.write_text(idx.read_text().replace("WanImageToVideoPipeline", "StableDiffusionPipeline"))
         change["--model"] = str(tmp_path / "other")
+    elif case == "wan 2.2":
+        shutil.copytree(tiny_model, tmp_path / "wan22")
+        idx = tmp_path / "wan22" / "model_index.json"
+        idx.write_text(json.dumps(dict(json.loads(idx.read_text()), transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.9)))
+        change["--model"] = str(tmp_path / "wan22")
     elif case == "no model":
         change["--model"] = str(tmp_path / "missing-model")
     elif case == "size":

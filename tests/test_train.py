@@ -50,6 +50,28 @@ def test_fp8_memory_mode_stores_base_weights_in_float8_and_trains_the_lora_in_fp
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(tiny_model):
+    results = []
+    for checkpointing in (False, True):
+        transformer = load_transformer(str(tiny_model), torch.device("cpu"), "fp32")
+        add_lora(transformer, 4, 4, DEFAULT_LORA_TARGETS, seed=1)
+        with torch.no_grad():  # B starts at zero; make it non-zero so A gets gradients too
+            for n, p in lora_parameters(transformer).items():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        x0, cond, text, image, sigma, noise = _batch(transformer)
+        loss = method.velocity_loss(transformer, x0, cond, text, image, sigma, noise)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in lora_parameters(transformer).items()}))
+    (l0, g0), (l1, g1) = results
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    assert g0.keys() == g1.keys() and all(g0[n].abs().sum() > 0 for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], atol=1e-6, rtol=1e-4)
+
+
 def test_stage_two_mixes_references_with_the_video():
     g = lambda s: train.step_generator(0, s)  # noqa: E731
     picks = [train.sample_for_step(s, 10, [8, 12], 10, g(s)) for s in range(40)]
