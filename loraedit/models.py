@@ -206,7 +206,10 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def peak_memory_gb(device: torch.device) -> float | None:
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by PyTorch, or on the CPU the process's peak resident memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return None
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

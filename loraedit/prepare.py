@@ -42,6 +42,8 @@ def parse_refs(items: list[str] | None, frames: int) -> dict[int, str]:
 def fit_edited(img: np.ndarray, width: int, height: int, src_w: int, src_h: int, path: str) -> np.ndarray:
     """An edited frame of another size is fine when its aspect matches the source's."""
     h, w = img.shape[:2]
+    if (w, h) == (width, height):
+        return img  # already at the working size (e.g. edited from prepare/source/000.png)
     if (w, h) != (src_w, src_h):
         if abs(w / h - src_w / src_h) > 0.02 * (src_w / src_h):
             raise InputError(f"{path}: is {w}x{h}, a different aspect ratio from the video's {src_w}x{src_h}; crop or pad it to the video's aspect")
@@ -61,6 +63,8 @@ def run(args, run_dir: Path) -> dict:
     indices = frame_indices(info.n_frames, args.frames, args.start, args.stride, path=args.video)
     frames = np.stack([fit_to_size(f, width, height) for f in read_video_frames(args.video, indices)])
     first = fit_edited(read_image(args.first_frame), width, height, info.width, info.height, args.first_frame)
+    if np.abs(first.astype(np.int16) - frames[0].astype(np.int16)).mean() < 0.5:
+        log.warning("%s: looks the same as the video's first frame; is it the edited one?", args.first_frame)
     refs = parse_refs(args.ref, args.frames)
     regions = masks.edit_regions(frames, first, masks.mask_options_from_args(args), indices, info.n_frames)
     if regions.shape != frames.shape[:3]:
