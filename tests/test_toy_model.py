@@ -1,0 +1,62 @@
+"""The bundled toy model: loads through the same paths as a real Wan2.1 I2V folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraedit.demo import TOY_MODEL
+
+pytestmark = pytest.mark.skipif(not (TOY_MODEL / "model_index.json").is_file(),
+                                reason="loraedit/toymodel not built (scripts/pretrain_toy.py)")
+
+
+def test_folder_is_diffusers_layout_safetensors_only_and_small():
+    files = [p for p in TOY_MODEL.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    index = json.loads((TOY_MODEL / "model_index.json").read_text())
+    assert index["_class_name"] == "WanImageToVideoPipeline"
+    assert (TOY_MODEL / "MODEL_CARD.md").is_file()
+
+
+def test_loads_with_diffusers_and_has_the_real_architecture():
+    from diffusers import WanImageToVideoPipeline
+
+    pipe = WanImageToVideoPipeline.from_pretrained(TOY_MODEL)
+    vae, tr = pipe.vae, pipe.transformer
+    assert vae.config.z_dim == 16 and vae.temperal_downsample == [False, True, True]
+    assert len(vae.config.dim_mult) == 4  # three spatial halvings: 8x
+    assert tr.config.in_channels == 36 and tr.config.out_channels == 16 and tuple(tr.config.patch_size) == (1, 2, 2)
+    assert len(vae.config.latents_mean) == 16 and min(vae.config.latents_std) > 0
+    # real 4x temporal / 8x spatial factors
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, 5, 32, 48)).latent_dist.mode()
+    assert z.shape == (1, 16, 2, 4, 6)
+
+
+def test_loads_through_the_engine():
+    from loraedit.models import check_model, load_transformer, load_vae
+
+    path = check_model(str(TOY_MODEL))
+    tr = load_transformer(path, torch.device("cpu"), "fp32")
+    vae = load_vae(path, torch.device("cpu"))
+    assert tr.config.in_channels == 36 and vae.config.z_dim == 16
+
+
+def test_vae_reconstructs_the_world():
+    from diffusers import AutoencoderKLWan
+
+    from loraedit.world import make_clip, psnr
+
+    vae = AutoencoderKLWan.from_pretrained(TOY_MODEL, subfolder="vae").eval()
+    clip = make_clip(5, frames=5)
+    x = torch.from_numpy(clip.source).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    rec = ((rec[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    assert psnr(rec, clip.source) > 20.0
