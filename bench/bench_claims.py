@@ -15,6 +15,9 @@ result is compared with the world's true edited video:
     mask-aware + reference  stage 1 + stage 2 on one edited later frame (the object's back face)
     mask-aware + tight mask stage 1 with the exact object mask (--mask-style tight)
 
+A first row, "(truth through the VAE)", is the true edited video encoded and decoded by the toy
+VAE: the ceiling no variant can pass, since every result comes out of that decoder.
+
 Metrics (loraedit/world.py `clip_metrics`), means over clips:
     PSNR in / colour err in — edit fidelity inside the object's true region (frames 1…F-1)
     PSNR back               — inside the region on frames that show the object's back face
@@ -66,6 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="default: the bundled toy model")
     ap.add_argument("--out", default="runs/bench_claims")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shard", default="0/1", help="I/N: measure only clips I, I+N, … (run N at once, then once "
+                    "without --shard to print the table from all of them)")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the VAE round-trip row")
     ap.add_argument("--keep-runs", action="store_true", help="keep each run folder (default: only results)")
     args = ap.parse_args(argv)
 
@@ -85,14 +91,18 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[int, dict]] = {n: {} for n in names}
-    results_file = out / "results.json"
-    if results_file.is_file():  # resume
-        old = json.loads(results_file.read_text())
-        if old.get("settings") == {"steps": steps, "ref_steps": ref_steps, "render_steps": render_steps, "lr": lr}:
+    shard, n_shards = (int(v) for v in args.shard.split("/"))
+    results_file = out / ("results.json" if n_shards == 1 else f"results-{shard}of{n_shards}.json")
+    settings = {"steps": steps, "ref_steps": ref_steps, "render_steps": render_steps, "lr": lr}
+    for f in sorted(out.glob("results*.json")):  # resume, and collect what other shards measured
+        old = json.loads(f.read_text())
+        if old.get("settings") == settings:
             for n in names:
-                results[n] = {int(k): v for k, v in old["per_clip"].get(n, {}).items()}
+                results[n].update({int(k): v for k, v in old["per_clip"].get(n, {}).items()})
     t0 = time.perf_counter()
-    for seed in SEEDS[:args.clips]:
+    for i, seed in enumerate(SEEDS[:args.clips]):
+        if i % n_shards != shard or all(seed in results[n] for n in names):
+            continue
         clip = make_clip(seed)
         inputs = dict(write_clip(clip, out / "clips" / str(seed)), reference_frame=clip.reference_frame)
         for name in names:
@@ -122,9 +132,27 @@ def main(argv=None) -> int:
             print(f"[{time.perf_counter() - t0:6.0f}s] clip {seed} {name:24s} "
                   + " ".join(f"{k}={m[k]:.2f}" for k in KEYS), flush=True)
             results_file.write_text(json.dumps({
-                "settings": {"steps": steps, "ref_steps": ref_steps, "render_steps": render_steps, "lr": lr},
+                "settings": settings,
                 "per_clip": {n: {str(k): r for k, r in d.items()} for n, d in results.items()}}, indent=1))
 
+    if n_shards > 1:
+        print(f"shard {shard}/{n_shards} done; run again without --shard for the table")
+        return 0
+    # the ceiling every variant shares: the truth itself through the VAE (encode → decode)
+    ceiling = {}
+    if not args.no_ceiling:
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae").eval()
+        for seed in SEEDS[:args.clips]:
+            clip = make_clip(seed)
+            x = torch.from_numpy(clip.truth).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+            with torch.no_grad():
+                rec = vae.decode(vae.encode(x).latent_dist.mode()).sample[0]
+            rec = ((rec.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+            ceiling[seed] = clip_metrics(rec, clip)
+        results = {"(truth through the VAE)": ceiling, **results}
+        names = ["(truth through the VAE)", *names]
     means = {n: {k: nanmean([r[k] for r in results[n].values()]) for k in KEYS} for n in names}
     n_clips = min(args.clips, len(SEEDS))
     table = format_metrics(means)
