@@ -14,6 +14,8 @@ text/image encoders); only the sizes differ. Two phases, both on the CPU:
    condition only (first frame kept, everything else generated: `method.stock_plan`), on
    17-frame 128x128 clips encoded once with the trained VAE, captions from the world (10% empty),
    CLIP image embeddings of the first frame; weights averaged with an EMA.
+3. Decoder refinement: more reconstruction training for the VAE decoder alone (encoder frozen, so
+   the transformer's latents and the latent mean/std stay valid).
 
 Every number that shapes the result is a flag; the defaults are the run that produced the shipped
 weights (see loraedit/toymodel/MODEL_CARD.md). `--vae-minutes/--dit-minutes` cap the wall time
@@ -134,6 +136,55 @@ def train_vae(vae, args, history: dict) -> None:
     history["vae_steps"] = step
     history["vae_seconds"] = time.time() - t0
     vae.eval()
+
+
+def refine_decoder(vae, args, history: dict) -> None:
+    """Phase 4: more training for the decoder alone. The encoder is frozen, so the latents the
+    transformer was trained on (and their mean/std) do not change; only the pictures get sharper."""
+    rng = np.random.default_rng(args.seed + 3)
+    pool = [make_clip(TRAIN_SEED_BASE + 200_000 + i).source for i in range(args.vae_clips)]
+    for q in vae.parameters():
+        q.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for q in params:
+        q.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.dec_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    t0 = time.time()
+    step = 0
+    c = args.vae_crop
+    vae.train()
+    while True:
+        p = progress(step, args.dec_steps, t0, args.dec_minutes)
+        if p >= 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(p, args.dec_lr, warmup=0.0)
+        batch = []
+        for _ in range(args.vae_batch):
+            clip = pool[rng.integers(len(pool))]
+            f0 = rng.integers(0, clip.shape[0] - 5 + 1)
+            y0, x0 = rng.integers(0, clip.shape[1] - c + 1), rng.integers(0, clip.shape[2] - c + 1)
+            batch.append(to_tensor(np.ascontiguousarray(clip[f0:f0 + 5, y0:y0 + c, x0:x0 + c])))
+        x = torch.stack(batch)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        mse = F.mse_loss(rec, x)
+        loss = l1 + mse
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        history["dec"].append({"step": step, "l1": l1.item(), "mse": mse.item(), "seconds": time.time() - t0})
+        if step % 25 == 0:
+            log(f"decoder step {step} p={p:.2f} l1={l1.item():.4f} psnr={10 * math.log10(4.0 / max(mse.item(), 1e-10)):.1f}dB")
+        step += 1
+    vae.eval()
+    for q in vae.parameters():
+        q.requires_grad_(False)
+    history["dec_steps"] = step
+    history["dec_seconds"] = time.time() - t0
 
 
 # ---------------------------------------------------------------- phase 2: encode the data set
@@ -278,13 +329,20 @@ def main(argv=None) -> int:
     ap.add_argument("--dit-batch", type=int, default=4)
     ap.add_argument("--dit-lr", type=float, default=3e-4)
     ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--dec-steps", type=int, default=600)
+    ap.add_argument("--dec-minutes", type=float, default=None)
+    ap.add_argument("--dec-lr", type=float, default=2e-4)
+    ap.add_argument("--refine-decoder-of", metavar="FOLDER",
+                    help="only run phase 4 on an already trained model folder (rewrites its vae/ and training.json)")
     args = ap.parse_args(argv)
+    if args.refine_decoder_of:
+        return refine_only(args)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     t_all = time.time()
-    history: dict = {"args": vars(args), "vae": [], "dit": []}
+    history: dict = {"args": vars(args), "vae": [], "dit": [], "dec": []}
     pipe = build_pipeline(args.seed)
     log(f"VAE {sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f}M params, transformer "
         f"{sum(p.numel() for p in pipe.transformer.parameters()) / 1e6:.2f}M params")
@@ -303,21 +361,48 @@ def main(argv=None) -> int:
     history["dit_eval_after"] = dit_eval(ema, data, 8, args.seed + 11)
     log(f"DiT done: {history['dit_steps']} steps, {history['dit_seconds']:.0f}s; "
         f"eval before {history['dit_eval_before']} after {history['dit_eval_after']}")
+    del data
+    refine_decoder(pipe.vae, args, history)
+    history["vae_eval_psnr_refined"] = vae_eval(pipe.vae, eval_seeds)
+    log(f"decoder refined: {history['dec_steps']} steps, held-out PSNR {history['vae_eval_psnr_refined']:.2f} dB")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     history["total_seconds"] = time.time() - t_all
-    summary = {k: v for k, v in history.items() if k not in ("vae", "dit")}
-    # a compact loss record: means over windows of 25 steps
-    for key, field in (("vae", "l1"), ("dit", "loss")):
-        rows = history[key]
-        summary[f"{key}_{field}_curve"] = [
-            [rows[i]["step"], round(float(np.mean([r[field] for r in rows[i:i + 25]])), 5), round(rows[i]["seconds"])]
-            for i in range(0, len(rows), 25)]
-    (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_summary(out / "training.json", history, {})
     log(f"saved to {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB); "
         f"total {history['total_seconds']:.0f}s")
+    return 0
+
+
+def write_summary(path: Path, history: dict, old: dict) -> None:
+    summary = dict(old)
+    summary.update({k: v for k, v in history.items() if k not in ("vae", "dit", "dec")})
+    # a compact loss record: means over windows of 25 steps
+    for key, field in (("vae", "l1"), ("dit", "loss"), ("dec", "l1")):
+        rows = history.get(key) or []
+        if rows:
+            summary[f"{key}_{field}_curve"] = [
+                [rows[i]["step"], round(float(np.mean([r[field] for r in rows[i:i + 25]])), 5), round(rows[i]["seconds"])]
+                for i in range(0, len(rows), 25)]
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def refine_only(args) -> int:
+    from diffusers import AutoencoderKLWan
+
+    folder = Path(args.refine_decoder_of)
+    old = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else {}
+    vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae")
+    history: dict = {"dec": []}
+    eval_seeds = [TRAIN_SEED_BASE + 900_000 + i for i in range(4)]
+    refine_decoder(vae, args, history)
+    history["vae_eval_psnr_refined"] = vae_eval(vae, eval_seeds)
+    log(f"decoder refined: {history['dec_steps']} steps, held-out PSNR {history['vae_eval_psnr_refined']:.2f} dB")
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    history["refine_args"] = {k: v for k, v in vars(args).items() if k.startswith("dec") or k in ("seed", "vae_crop", "vae_batch")}
+    write_summary(folder / "training.json", history, old)
     return 0
 
 
