@@ -1,0 +1,240 @@
+"""Finding the edit region in frame 0 and following it through the video (OpenCV only, no weights).
+
+    find_edit_region(source0, edited0)   where the edited first frame differs from the source's
+    track_region(frames, region0)        one region per frame, by dense optical flow (DIS)
+
+Finding: both frames are blurred (a generative editor re-renders fine texture everywhere, so
+pixel-exact differences are mostly noise), compared in CIE Lab, thresholded (Otsu on the colour
+difference, never below a floor), cleaned with morphology (opening removes speckle, closing and
+hole filling make one solid region per object), and components that are small — in absolute terms
+or next to the largest one — are dropped.
+
+Tracking keeps two masks per frame:
+  visible  V_t: the region's pixels seen in frame t. Pulled from V_{t-1} along the backward flow,
+           except where the forward-backward check fails (occlusion / disocclusion), plus the
+           pixels of the amodal region whose own motion agrees with the region's motion (so a part
+           hidden behind an occluder, or outside the frame, comes back when it reappears).
+  amodal   A_t: the whole object, seen or not, on a canvas larger than the frame. Moved by a
+           similarity transform fitted (RANSAC) to the flow of the visible pixels; with too few
+           visible pixels, by the motion of its surroundings (the camera), else by the whole
+           frame's median flow.
+A region found by difference is output as V_t (it may shrink to nothing and come back); a box
+given by the user is output as A_t clipped to the frame (a box holds background too, whose pixels
+would otherwise smear it).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from loraedit.errors import InputError
+
+# ------------------------------------------------------------------ finding the region in frame 0
+
+DIFF_FLOOR = 10.0  # CIE76 ΔE below this is never an edit (just-noticeable is about 2.3; JPEG/gen. noise ≈ 5)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = np.zeros(mask.shape, np.uint8)
+    cv2.drawContours(out, contours, -1, 1, thickness=-1)
+    return out.astype(bool)
+
+
+def _ellipse(k: int) -> np.ndarray:
+    k = max(1, int(k))
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+
+
+def drop_small(mask: np.ndarray, min_area: float, relative: float = 0.0) -> np.ndarray:
+    """Keep the connected components of at least `min_area` (fraction of the frame) and at least
+    `relative` × the largest component's area."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return np.zeros(mask.shape, bool)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep_min = max(min_area * mask.size, relative * areas.max())
+    keep = np.zeros(n, bool)
+    keep[1:] = areas >= keep_min
+    return keep[labels]
+
+
+def colour_difference(source0: np.ndarray, edited0: np.ndarray) -> np.ndarray:
+    """(H, W) CIE76 ΔE between the two frames after a blur that scales with the frame size."""
+    H, W = source0.shape[:2]
+    sigma = max(1.0, min(H, W) / 128)
+
+    def lab(img):
+        f = cv2.GaussianBlur(img.astype(np.float32) / 255.0, (0, 0), sigma)
+        return cv2.cvtColor(f, cv2.COLOR_RGB2Lab)
+
+    return np.linalg.norm(lab(source0) - lab(edited0), axis=-1)
+
+
+def find_edit_region(source0: np.ndarray, edited0: np.ndarray, threshold: float = 0.0, min_area: float = 0.002,
+                     relative: float = 0.1, where: str = "--first-frame") -> np.ndarray:
+    """(H, W) bool: where the edited first frame differs from the source's first frame.
+
+    threshold: ΔE above which a pixel is edited; 0 = automatic (Otsu, at least DIFF_FLOOR).
+    Raises InputError when nothing is found.
+    """
+    if source0.shape != edited0.shape:
+        raise ValueError(f"frames differ in shape: {source0.shape} vs {edited0.shape}")
+    H, W = source0.shape[:2]
+    de = colour_difference(source0, edited0)
+    if threshold <= 0:
+        u8 = np.clip(de * 2.0, 0, 255).astype(np.uint8)  # ΔE in half units, up to 127.5
+        otsu, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        threshold = max(DIFF_FLOOR, otsu / 2.0)
+    mask = (de > threshold).astype(np.uint8)
+    k = max(3, round(min(H, W) / 100) | 1)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _ellipse(k))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _ellipse(3 * k))
+    mask = drop_small(_fill_holes(mask), min_area, relative)
+    if not mask.any():
+        raise InputError(f"{where}: no edit found — the edited first frame matches the source's first frame "
+                         f"(largest colour difference ΔE {de.max():.1f}, threshold {threshold:.1f}); "
+                         "check that it is the edited frame, or give the region with --box x0,y0,x1,y1 or --mask")
+    return mask
+
+
+# ------------------------------------------------------------------ optical flow
+
+FLOW_MAX_SIDE = 480  # flow is computed on frames scaled to at most this long side
+TEXTURE_MIN = 20.0  # mean Sobel magnitude over 7×7 below which a patch is flat
+PHOTO_TOL = 24.0  # grey levels: a pixel differing more from its flow source is not followed
+
+
+class _Flow:
+    """Forward and backward DIS flow between consecutive frames, at a reduced scale, in pixels of
+    that scale."""
+
+    def __init__(self, frames: np.ndarray):
+        F, H, W = frames.shape[:3]
+        self.scale = min(1.0, FLOW_MAX_SIDE / max(H, W))
+        self.h, self.w = max(8, round(H * self.scale)), max(8, round(W * self.scale))
+        self.gray = [cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), (self.w, self.h), interpolation=cv2.INTER_AREA) for f in frames]
+        self.dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+
+    def textured(self, t: int) -> np.ndarray:
+        """Where frame t has enough local contrast for its flow to mean something."""
+        g = self.gray[t].astype(np.float32)
+        mag = np.hypot(cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3))
+        return cv2.blur(mag, (7, 7)) > TEXTURE_MIN
+
+    def pair(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """(forward t-1 → t, backward t → t-1), each (h, w, 2) float32."""
+        a, b = self.gray[t - 1], self.gray[t]
+        fwd = self.dis.calc(a, b, None)
+        bwd = self.dis.calc(b, a, None)
+        return fwd, bwd
+
+
+def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    return xs, ys
+
+
+def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
+    if len(src) < 6:
+        return None
+    M, inliers = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=1.5, maxIters=500, confidence=0.98)
+    if M is None or inliers is None or inliers.sum() < 6:
+        return None
+    return M.astype(np.float32)
+
+
+def _translation(d: np.ndarray) -> np.ndarray:
+    return np.array([[1, 0, d[0]], [0, 1, d[1]]], np.float32)
+
+
+def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -> np.ndarray:
+    """(F, H, W, 3) uint8 frames, (H, W) bool region in frame 0 → (F, H, W) bool, one region per frame.
+
+    rigid=False: the visible region, following each pixel (for a region found by difference).
+    rigid=True: the amodal region moved as a whole (for a user's box); may extend past the frame
+    and come back.
+    """
+    F, H, W = frames.shape[:3]
+    out = np.zeros((F, H, W), bool)
+    out[0] = region0
+    if F == 1 or not region0.any():
+        return out
+    fl = _Flow(frames)
+    h, w = fl.h, fl.w
+    xs, ys = _grid(h, w)
+    # the amodal canvas: the frame with a margin of half its size on every side
+    ph, pw = h // 2, w // 2
+    shift = np.array([[1, 0, pw], [0, 1, ph]], np.float32)
+    small0 = cv2.resize(region0.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+    amodal = np.zeros((h + 2 * ph, w + 2 * pw), np.float32)
+    amodal[ph:ph + h, pw:pw + w] = small0
+    visible = small0
+    rng = np.random.default_rng(0)
+    for t in range(1, F):
+        fwd, bwd = fl.pair(t)
+        # forward-backward consistency of the backward flow: for p in frame t, p + bwd(p) in t-1
+        mx, my = xs + bwd[..., 0], ys + bwd[..., 1]
+        fwd_at = cv2.remap(fwd, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        err = np.hypot(bwd[..., 0] + fwd_at[..., 0], bwd[..., 1] + fwd_at[..., 1])
+        mag = np.hypot(bwd[..., 0], bwd[..., 1])
+        # ... and brightness constancy: where a pixel's colour differs from where its flow says it
+        # came from, the flow is a guess (textureless occluders, new content)
+        photo = np.abs(fl.gray[t].astype(np.float32) - cv2.remap(fl.gray[t - 1], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float32))
+        consistent = (err < np.maximum(1.0, 0.15 * mag)) & (photo < PHOTO_TOL)
+        inside = (mx >= 0) & (mx <= w - 1) & (my >= 0) & (my <= h - 1)
+        # the same check for the forward flow, to choose the pixels that fit the region's motion
+        bx, by = xs + fwd[..., 0], ys + fwd[..., 1]
+        bwd_at = cv2.remap(bwd, bx, by, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        f_ok = np.hypot(fwd[..., 0] + bwd_at[..., 0], fwd[..., 1] + bwd_at[..., 1]) < np.maximum(1.0, 0.15 * np.hypot(fwd[..., 0], fwd[..., 1]))
+
+        # the region's motion t-1 → t, as a similarity transform in frame coordinates
+        seen = (visible > 0.5) & f_ok
+        M = None
+        a_seen = float((amodal[ph:ph + h, pw:pw + w] > 0.5).sum())
+        if seen.sum() >= max(20, 0.3 * a_seen):  # mostly hidden: its own flow is not to be trusted
+            yy, xx = np.nonzero(seen)
+            pick = rng.choice(len(xx), size=min(len(xx), 2000), replace=False)
+            src = np.stack([xx[pick], yy[pick]], 1).astype(np.float32)
+            M = _similarity(src, src + fwd[yy[pick], xx[pick]])
+        if M is None:
+            # hidden or gone: move with its surroundings (or the whole frame)
+            a_in = amodal[ph:ph + h, pw:pw + w] > 0.5
+            ring = cv2.dilate(a_in.astype(np.uint8), _ellipse(max(5, min(h, w) // 8))).astype(bool) & ~a_in & f_ok
+            if ring.sum() < 20:
+                ring = f_ok
+            if ring.sum() >= 20:
+                M = _translation(np.median(fwd[ring], axis=0))
+            else:
+                M = _translation(np.zeros(2, np.float32))
+        Mc = np.vstack([shift, [0, 0, 1]]) @ np.vstack([M, [0, 0, 1]]) @ np.linalg.inv(np.vstack([shift, [0, 0, 1]]))
+        amodal = cv2.warpAffine(amodal, Mc[:2].astype(np.float32), (amodal.shape[1], amodal.shape[0]), flags=cv2.INTER_LINEAR, borderValue=0)
+        amodal = (amodal > 0.5).astype(np.float32)
+        a_frame = amodal[ph:ph + h, pw:pw + w]
+
+        if rigid:
+            visible = a_frame.copy()
+        else:
+            pulled = cv2.remap(visible, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            pulled = np.where(consistent & inside, pulled, 0.0)
+            # amodal pixels whose own motion (backward flow) matches the region's motion
+            Minv = cv2.invertAffineTransform(M)
+            ex = Minv[0, 0] * xs + Minv[0, 1] * ys + Minv[0, 2] - xs
+            ey = Minv[1, 0] * xs + Minv[1, 1] * ys + Minv[1, 2] - ys
+            dev = np.hypot(bwd[..., 0] - ex, bwd[..., 1] - ey)
+            agree = (a_frame > 0.5) & consistent & (dev < np.maximum(1.0, 0.25 * np.hypot(ex, ey))) & fl.textured(t)
+            visible = np.maximum(pulled, agree.astype(np.float32))
+            # the visible region never strays far from the object as a whole: this stops the
+            # pulled mask from bleeding onto what passes behind or in front of it
+            a_area = float(a_frame.sum())
+            if a_area > 0:
+                margin = 2 * round(2 + 0.15 * np.sqrt(amodal.sum())) + 1
+                near = cv2.dilate(a_frame, _ellipse(margin))
+                visible = visible * near
+            vb = (visible > 0.5).astype(np.uint8)
+            vb = cv2.morphologyEx(vb, cv2.MORPH_OPEN, _ellipse(3))
+            vb = cv2.morphologyEx(vb, cv2.MORPH_CLOSE, _ellipse(5))
+            visible = vb.astype(np.float32)
+        out[t] = cv2.resize(visible, (W, H), interpolation=cv2.INTER_LINEAR) > 0.5
+    return out
