@@ -6,6 +6,7 @@ Intermediates are written losslessly (PNG, FFV1); only final results are H.264.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -190,6 +191,18 @@ def read_image(path: str | Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"{path}: cannot be read as an image ({exc.__class__.__name__}); save it as PNG") from None
+
+
+def fit_edited(img: np.ndarray, width: int, height: int, src_w: int, src_h: int, path: str) -> np.ndarray:
+    """An edited frame → the working size. Another size than the source's is fine (resized, with a
+    warning) when its aspect matches within 2%; another aspect is an InputError."""
+    h, w = img.shape[:2]
+    if (w, h) != (src_w, src_h):
+        if abs(w / h - src_w / src_h) > 0.02 * (src_w / src_h):
+            raise InputError(f"{path}: is {w}x{h}, a different aspect ratio from the video's {src_w}x{src_h}; crop or pad it to the video's aspect")
+        logging.getLogger("loraedit").warning("%s: is %dx%d, the video %dx%d; resizing it to match", path, w, h, src_w, src_h)
+        img = fit_to_size(img, src_w, src_h)
+    return fit_to_size(img, width, height)
 
 
 def read_gray(path: str | Path) -> np.ndarray:
