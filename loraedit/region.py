@@ -103,7 +103,8 @@ def find_edit_region(source0: np.ndarray, edited0: np.ndarray, threshold: float 
 
 FLOW_MAX_SIDE = 480  # flow is computed on frames scaled to at most this long side
 TEXTURE_MIN = 20.0  # mean Sobel magnitude over 7×7 below which a patch is flat
-PHOTO_TOL = 24.0  # grey levels: a pixel differing more from its flow source is not followed
+PHOTO_TOL = 14.0
+MAX_SCALE_STEP = 1.08  # most a region may grow or shrink between consecutive frames  # grey levels: a pixel differing more from its flow source is not followed
 
 
 class _Flow:
@@ -142,7 +143,29 @@ def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
     M, inliers = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=1.5, maxIters=500, confidence=0.98)
     if M is None or inliers is None or inliers.sum() < 6:
         return None
+    scale = float(np.hypot(M[0, 0], M[1, 0]))
+    if not MAX_SCALE_STEP ** -1 <= scale <= MAX_SCALE_STEP:
+        # a big size change from one frame to the next is a fit mixing two motions: use the median
+        return _translation(np.median(dst - src, axis=0))
     return M.astype(np.float32)
+
+
+def _lk_motion(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> np.ndarray | None:
+    pts = cv2.goodFeaturesToTrack(a, maxCorners=400, qualityLevel=0.01, minDistance=3, mask=where.astype(np.uint8))
+    if pts is None or len(pts) < 8:
+        return None
+    lk = dict(winSize=(11, 11), maxLevel=3, criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 0.01))
+    nxt, st, _ = cv2.calcOpticalFlowPyrLK(a, b, pts, None, **lk)
+    back, st2, _ = cv2.calcOpticalFlowPyrLK(b, a, nxt, None, **lk)
+    good = (st[:, 0] == 1) & (st2[:, 0] == 1) & (np.linalg.norm((back - pts)[:, 0], axis=1) < 0.5)
+    if good.sum() < 8:
+        return None
+    return _similarity(pts[good, 0], nxt[good, 0])
+
+
+def _patch_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean absolute grey difference over 5×5 patches (steadier than one pixel against noise)."""
+    return cv2.blur(np.abs(a.astype(np.float32) - b.astype(np.float32)), (5, 5))
 
 
 def _translation(d: np.ndarray) -> np.ndarray:
@@ -181,7 +204,7 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
         mag = np.hypot(bwd[..., 0], bwd[..., 1])
         # ... and brightness constancy: where a pixel's colour differs from where its flow says it
         # came from, the flow is a guess (textureless occluders, new content)
-        photo = np.abs(fl.gray[t].astype(np.float32) - cv2.remap(fl.gray[t - 1], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float32))
+        photo = _patch_difference(fl.gray[t], cv2.remap(fl.gray[t - 1], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
         consistent = (err < np.maximum(1.0, 0.15 * mag)) & (photo < PHOTO_TOL)
         inside = (mx >= 0) & (mx <= w - 1) & (my >= 0) & (my <= h - 1)
         # the same check for the forward flow, to choose the pixels that fit the region's motion
@@ -190,24 +213,28 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
         f_ok = np.hypot(fwd[..., 0] + bwd_at[..., 0], fwd[..., 1] + bwd_at[..., 1]) < np.maximum(1.0, 0.15 * np.hypot(fwd[..., 0], fwd[..., 1]))
 
         # the region's motion t-1 → t, as a similarity transform in frame coordinates
-        seen = (visible > 0.5) & f_ok
+        # fitted on the region's inner pixels only: its border is where background gets mixed in
+        vb_in = (visible > 0.5).astype(np.uint8)
+        core = cv2.erode(vb_in, _ellipse(2 * round(1 + 0.05 * np.sqrt(vb_in.sum())) + 1)).astype(bool)
+        seen = (core if core.sum() >= 20 else vb_in.astype(bool)) & f_ok
         M = None
         a_seen = float((amodal[ph:ph + h, pw:pw + w] > 0.5).sum())
         if seen.sum() >= max(20, 0.3 * a_seen):  # mostly hidden: its own flow is not to be trusted
-            yy, xx = np.nonzero(seen)
-            pick = rng.choice(len(xx), size=min(len(xx), 2000), replace=False)
-            src = np.stack([xx[pick], yy[pick]], 1).astype(np.float32)
-            M = _similarity(src, src + fwd[yy[pick], xx[pick]])
+            # sparse corners tracked by Lucas-Kanade are exact where dense flow is smoothed across
+            # the object's border; the dense flow is the fallback for a region without corners
+            M = _lk_motion(fl.gray[t - 1], fl.gray[t], seen)
+            if M is None:
+                yy, xx = np.nonzero(seen)
+                pick = rng.choice(len(xx), size=min(len(xx), 2000), replace=False)
+                src = np.stack([xx[pick], yy[pick]], 1).astype(np.float32)
+                M = _similarity(src, src + fwd[yy[pick], xx[pick]])
         if M is None:
-            # hidden or gone: move with its surroundings (or the whole frame)
-            a_in = amodal[ph:ph + h, pw:pw + w] > 0.5
-            ring = cv2.dilate(a_in.astype(np.uint8), _ellipse(max(5, min(h, w) // 8))).astype(bool) & ~a_in & f_ok
-            if ring.sum() < 20:
-                ring = f_ok
-            if ring.sum() >= 20:
-                M = _translation(np.median(fwd[ring], axis=0))
-            else:
-                M = _translation(np.zeros(2, np.float32))
+            # hidden or gone: move with the scene (the camera), the dominant motion of the frame
+            # outside the region — robust to an occluder that covers less than half of it
+            outside = ~(amodal[ph:ph + h, pw:pw + w] > 0.5)
+            M = _lk_motion(fl.gray[t - 1], fl.gray[t], outside)
+            if M is None:
+                M = _translation(np.median(fwd[f_ok], axis=0) if f_ok.sum() >= 20 else np.zeros(2, np.float32))
         Mc = np.vstack([shift, [0, 0, 1]]) @ np.vstack([M, [0, 0, 1]]) @ np.linalg.inv(np.vstack([shift, [0, 0, 1]]))
         amodal = cv2.warpAffine(amodal, Mc[:2].astype(np.float32), (amodal.shape[1], amodal.shape[0]), flags=cv2.INTER_LINEAR, borderValue=0)
         amodal = (amodal > 0.5).astype(np.float32)
@@ -218,18 +245,16 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
         else:
             pulled = cv2.remap(visible, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
             pulled = np.where(consistent & inside, pulled, 0.0)
-            # amodal pixels whose own motion (backward flow) matches the region's motion
-            Minv = cv2.invertAffineTransform(M)
-            ex = Minv[0, 0] * xs + Minv[0, 1] * ys + Minv[0, 2] - xs
-            ey = Minv[1, 0] * xs + Minv[1, 1] * ys + Minv[1, 2] - ys
-            dev = np.hypot(bwd[..., 0] - ex, bwd[..., 1] - ey)
-            agree = (a_frame > 0.5) & consistent & (dev < np.maximum(1.0, 0.25 * np.hypot(ex, ey))) & fl.textured(t)
+            # amodal pixels that look as the region's motion predicts from frame t-1: the region's
+            # own pixels, seen again (after an occlusion, or where the dense flow failed)
+            predicted = cv2.warpAffine(fl.gray[t - 1], M, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            agree = (a_frame > 0.5) & (_patch_difference(fl.gray[t], predicted) < PHOTO_TOL) & fl.textured(t)
             visible = np.maximum(pulled, agree.astype(np.float32))
             # the visible region never strays far from the object as a whole: this stops the
             # pulled mask from bleeding onto what passes behind or in front of it
             a_area = float(a_frame.sum())
             if a_area > 0:
-                margin = 2 * round(2 + 0.15 * np.sqrt(amodal.sum())) + 1
+                margin = 2 * round(2 + 0.1 * np.sqrt(amodal.sum())) + 1
                 near = cv2.dilate(a_frame, _ellipse(margin))
                 visible = visible * near
             vb = (visible > 0.5).astype(np.uint8)
