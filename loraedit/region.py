@@ -164,8 +164,13 @@ def _lk_motion(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> np.ndarray | 
 
 
 def _patch_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Mean absolute grey difference over 5×5 patches (steadier than one pixel against noise)."""
-    return cv2.blur(np.abs(a.astype(np.float32) - b.astype(np.float32)), (5, 5))
+    """Mean absolute grey difference over 5×5 patches (steadier than one pixel against noise),
+    after removing each patch's mean brightness over 9×9 (so a subject walking from shade into
+    light still matches itself)."""
+    a = a.astype(np.float32)
+    b = b.astype(np.float32)
+    d = (a - cv2.blur(a, (9, 9))) - (b - cv2.blur(b, (9, 9)))
+    return cv2.blur(np.abs(d), (5, 5))
 
 
 def _translation(d: np.ndarray) -> np.ndarray:
@@ -216,14 +221,16 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
         # fitted on the region's inner pixels only: its border is where background gets mixed in
         vb_in = (visible > 0.5).astype(np.uint8)
         core = cv2.erode(vb_in, _ellipse(2 * round(1 + 0.05 * np.sqrt(vb_in.sum())) + 1)).astype(bool)
-        seen = (core if core.sum() >= 20 else vb_in.astype(bool)) & f_ok
+        inner = core if core.sum() >= 20 else vb_in.astype(bool)
         M = None
         a_seen = float((amodal[ph:ph + h, pw:pw + w] > 0.5).sum())
-        if seen.sum() >= max(20, 0.3 * a_seen):  # mostly hidden: its own flow is not to be trusted
-            # sparse corners tracked by Lucas-Kanade are exact where dense flow is smoothed across
-            # the object's border; the dense flow is the fallback for a region without corners
-            M = _lk_motion(fl.gray[t - 1], fl.gray[t], seen)
-            if M is None:
+        if vb_in.sum() >= max(20, 0.3 * a_seen):  # mostly hidden: its own motion is not to be trusted
+            # sparse corners tracked by Lucas-Kanade (with their own forward-backward check) are
+            # exact where dense flow is smoothed across the object's border or fails on a fast
+            # background; the dense flow is the fallback for a region without corners
+            M = _lk_motion(fl.gray[t - 1], fl.gray[t], inner)
+            seen = inner & f_ok
+            if M is None and seen.sum() >= 20:
                 yy, xx = np.nonzero(seen)
                 pick = rng.choice(len(xx), size=min(len(xx), 2000), replace=False)
                 src = np.stack([xx[pick], yy[pick]], 1).astype(np.float32)
