@@ -227,7 +227,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, lossless: bool
         with av.open(str(tmp), mode="w") as out:
             if lossless:
                 stream = out.add_stream("ffv1", rate=rate)
-                stream.pix_fmt = "rgb24" if frames.ndim == 4 else "gray"
+                stream.pix_fmt = "bgr0" if frames.ndim == 4 else "gray"  # FFV1 takes no rgb24; bgr0 is lossless RGB
             else:
                 stream = out.add_stream("libx264", rate=rate)
                 stream.pix_fmt = "yuv420p"
