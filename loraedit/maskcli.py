@@ -89,7 +89,7 @@ def run_masks(args) -> int:
     t0 = time.perf_counter()
     info = probe_video(args.video)
     width, height = parse_size(args.size) if args.size else default_size(info.width, info.height)
-    indices = frame_indices(info.n_frames, args.frames, args.start, args.stride, path=args.video)
+    indices = frame_indices(info.n_frames, args.frames, args.start, args.stride, path=args.video, times=info.times)
     frames = np.stack([fit_to_size(f, width, height) for f in read_video_frames(args.video, indices)])
     if args.first_frame:
         first = fit_edited(read_image(args.first_frame), width, height, info.width, info.height, args.first_frame)
