@@ -96,9 +96,9 @@ def probe_video(path: str | Path) -> VideoInfo:
                     pts.append(float(packet.pts * stream.time_base) if packet.pts is not None and stream.time_base else None)
         except av.error.FFmpegError:
             pass  # a truncated file: keep what could be read
-        container.seek(0)
         first = None
         try:
+            container.seek(0)
             first = next(container.decode(stream))
         except (StopIteration, av.error.FFmpegError):
             pass
