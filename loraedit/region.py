@@ -14,7 +14,8 @@ Tracking keeps two masks per frame:
            except where the forward-backward check fails (occlusion / disocclusion), plus the
            pixels of the amodal region whose own motion agrees with the region's motion (so a part
            hidden behind an occluder, or outside the frame, comes back when it reappears).
-  amodal   A_t: the whole object, seen or not, on a canvas larger than the frame. Moved by a
+  amodal   A_t: the whole object, seen or not (frame 0's region under the accumulated motion, so
+           it may lie partly or wholly outside the frame and come back). Moved by a
            similarity transform fitted (RANSAC) to the flow of the visible pixels; with too few
            visible pixels, by the motion of its surroundings (the camera), else by the whole
            frame's median flow.
@@ -183,6 +184,28 @@ def _patch_match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(flat, np.abs(ma - mb) < FLAT_DIFF, ncc > NCC_MIN)
 
 
+def _template_motion(a: np.ndarray, b: np.ndarray, where: np.ndarray, last: np.ndarray | None) -> np.ndarray | None:
+    """The translation that best matches the region's bounding patch of frame a in frame b
+    (normalised correlation), searched around where the last motion would put it: for fast
+    motion of fine texture, where both flows fail."""
+    x, y, bw, bh = cv2.boundingRect(where.astype(np.uint8))
+    if bw < 8 or bh < 8:
+        return None
+    h, w = a.shape
+    d = last[:, 2] if last is not None else np.zeros(2)
+    r = int(min(32, max(8, 0.5 * np.hypot(*d) + 6)))
+    cx, cy = int(round(x + d[0])), int(round(y + d[1]))
+    x0, y0 = max(0, cx - r), max(0, cy - r)
+    x1, y1 = min(w, cx + bw + r), min(h, cy + bh + r)
+    if x1 - x0 < bw or y1 - y0 < bh:
+        return None
+    res = cv2.matchTemplate(b[y0:y1, x0:x1], a[y:y + bh, x:x + bw], cv2.TM_CCOEFF_NORMED)
+    _, best, _, (bx, by) = cv2.minMaxLoc(res)
+    if best < 0.5:
+        return None
+    return _translation(np.array([x0 + bx - x, y0 + by - y], np.float32))
+
+
 def _prediction_score(a: np.ndarray, b: np.ndarray, where: np.ndarray, M: np.ndarray) -> float:
     """The fraction of the region (in frame a) that, moved by M, shows the same content in frame b."""
     h, w = a.shape
@@ -212,12 +235,12 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
     fl = _Flow(frames)
     h, w = fl.h, fl.w
     xs, ys = _grid(h, w)
-    # the amodal canvas: the frame with a margin of half its size on every side
-    ph, pw = h // 2, w // 2
-    shift = np.array([[1, 0, pw], [0, 1, ph]], np.float32)
     small0 = cv2.resize(region0.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
-    amodal = np.zeros((h + 2 * ph, w + 2 * pw), np.float32)
-    amodal[ph:ph + h, pw:pw + w] = small0
+    # the amodal region is frame 0's region moved by the accumulated motion C (frame 0 → frame t):
+    # warped afresh from frame 0 each time, so it neither erodes nor is lost when it leaves the
+    # frame, however far
+    C = np.eye(3)
+    a_frame = (small0 > 0.5).astype(np.float32)
     visible = small0
     rng = np.random.default_rng(0)
     last_M = None
@@ -244,7 +267,7 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
         core = cv2.erode(vb_in, _ellipse(2 * round(1 + 0.05 * np.sqrt(vb_in.sum())) + 1)).astype(bool)
         inner = core if core.sum() >= 20 else vb_in.astype(bool)
         M = None
-        a_seen = float((amodal[ph:ph + h, pw:pw + w] > 0.5).sum())
+        a_seen = float(a_frame.sum())
         if vb_in.sum() >= max(20, 0.3 * a_seen):  # mostly hidden: its own motion is not to be trusted
             # candidates for the region's motion: corners tracked by Lucas-Kanade (with their own
             # forward-backward check; exact where dense flow is smoothed across the object's
@@ -259,23 +282,27 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
                 candidates.append(_similarity(src, src + fwd[yy[pick], xx[pick]]))
             candidates.append(last_M)
             candidates = [c for c in candidates if c is not None]
+            scores = [_prediction_score(fl.gray[t - 1], fl.gray[t], inner, c) for c in candidates]
+            if not scores or max(scores) < 0.5:
+                # none explains the region well: search for it by template matching as well
+                c = _template_motion(fl.gray[t - 1], fl.gray[t], inner, last_M)
+                if c is not None:
+                    candidates.append(c)
+                    scores.append(_prediction_score(fl.gray[t - 1], fl.gray[t], inner, c))
             if candidates:
-                scores = [_prediction_score(fl.gray[t - 1], fl.gray[t], inner, c) for c in candidates]
                 best = int(np.argmax(scores))
                 if scores[best] >= MIN_PREDICTION:
                     M = candidates[best]
         if M is None:
             # hidden or gone: move with the scene (the camera), the dominant motion of the frame
             # outside the region — robust to an occluder that covers less than half of it
-            outside = ~(amodal[ph:ph + h, pw:pw + w] > 0.5)
+            outside = ~(a_frame > 0.5)
             M = _lk_motion(fl.gray[t - 1], fl.gray[t], outside)
             if M is None:
                 M = _translation(np.median(fwd[f_ok], axis=0) if f_ok.sum() >= 20 else np.zeros(2, np.float32))
         last_M = M
-        Mc = np.vstack([shift, [0, 0, 1]]) @ np.vstack([M, [0, 0, 1]]) @ np.linalg.inv(np.vstack([shift, [0, 0, 1]]))
-        amodal = cv2.warpAffine(amodal, Mc[:2].astype(np.float32), (amodal.shape[1], amodal.shape[0]), flags=cv2.INTER_LINEAR, borderValue=0)
-        amodal = (amodal > 0.5).astype(np.float32)
-        a_frame = amodal[ph:ph + h, pw:pw + w]
+        C = np.vstack([M, [0, 0, 1]]) @ C
+        a_frame = (cv2.warpAffine(small0, C[:2].astype(np.float32), (w, h), flags=cv2.INTER_LINEAR, borderValue=0) > 0.5).astype(np.float32)
 
         if rigid:
             visible = a_frame.copy()
@@ -291,7 +318,7 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
             # pulled mask from bleeding onto what passes behind or in front of it
             a_area = float(a_frame.sum())
             if a_area > 0:
-                margin = 2 * round(2 + 0.1 * np.sqrt(amodal.sum())) + 1
+                margin = 2 * round(2 + 0.1 * np.sqrt(small0.sum() * abs(np.linalg.det(C[:2, :2])))) + 1
                 near = cv2.dilate(a_frame, _ellipse(margin))
                 visible = visible * near
             vb = (visible > 0.5).astype(np.uint8)
