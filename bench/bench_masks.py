@@ -119,7 +119,7 @@ def main():
     if src is not None:
         cases.append(("real clip, patch over the moving bunny", video, gt))
         p2 = [(W * 0.25 + W * 0.3 * np.sin(i / 8), H * 0.6 - H * 0.25 * i / max(1, F - 1)) for i in range(F)]
-        cases.append(("real clip, patch on a curved path", *paste(frames, p2, size=H // 6, seed=2)))
+        cases.append(("real clip, curved path, leaves at the left (own motion)", *paste(frames, p2, size=H // 6, seed=2)))
     bg = texture(H, 2 * W, 5)
     still = np.repeat(bg[None, :, :W], F, 0)
     p3 = [(W * 0.15 + W * 0.7 * i / max(1, F - 1), H / 2 + H * 0.2 * np.sin(i / 5)) for i in range(F)]
@@ -145,7 +145,7 @@ def main():
         visible = g.reshape(len(g), -1).sum(1) > 0
         gone = (~visible).sum()
         extra = f"  ({gone} frames out of view: region empty in {sum(1 for k in np.nonzero(~visible)[0] if ious[k] == 1.0)})" if gone else ""
-        print(f"  {name:48s} {ious[visible].mean():.3f} / {ious[visible].min():.3f} / {ious[-1]:.3f}{extra}")
+        print(f"  {name:56s} {ious[visible].mean():.3f} / {ious[visible].min():.3f} / {ious[-1]:.3f}{extra}")
 
 
 if __name__ == "__main__":

@@ -9,19 +9,26 @@ difference, never below a floor), cleaned with morphology (opening removes speck
 hole filling make one solid region per object), and components that are small — in absolute terms
 or next to the largest one — are dropped.
 
-Tracking keeps two masks per frame:
-  visible  V_t: the region's pixels seen in frame t. Pulled from V_{t-1} along the backward flow,
-           except where the forward-backward check fails (occlusion / disocclusion), plus the
-           pixels of the amodal region whose own motion agrees with the region's motion (so a part
-           hidden behind an occluder, or outside the frame, comes back when it reappears).
-  amodal   A_t: the whole object, seen or not (frame 0's region under the accumulated motion, so
-           it may lie partly or wholly outside the frame and come back). Moved by a
-           similarity transform fitted (RANSAC) to the flow of the visible pixels; with too few
-           visible pixels, by the motion of its surroundings (the camera), else by the whole
-           frame's median flow.
+Tracking works on frames scaled to at most FLOW_MAX_SIDE pixels and keeps two masks per frame:
+  amodal   A_t: the whole object, seen or not: frame 0's region under the accumulated motion
+           C_t = M_t ∘ … ∘ M_1, warped afresh from frame 0 each time (so it does not erode, and a
+           region panned out of the frame comes back however far it went). M_t, the region's
+           similarity motion from t-1 to t, is chosen among candidates — Lucas-Kanade corners in
+           the region's interior (RANSAC fit), a fit to the dense DIS flow, the last motion
+           (constant velocity) and, when none of those explains the region, a template search —
+           by how much of the region each predicts in frame t (7×7 normalised correlation). A
+           region mostly hidden (visible < 30% of A_t) moves with the scene instead: the dominant
+           motion of everything outside it (the camera), so an occluder cannot drag it away.
+  visible  V_t: the region's pixels seen in frame t: V_{t-1} pulled along the backward flow where
+           the flow passes the forward-backward and patch checks, plus the textured pixels of A_t
+           that look as M_t predicts from frame t-1 (the region's own pixels seen again, after an
+           occlusion or where the dense flow failed), kept within a margin around A_t.
 A region found by difference is output as V_t (it may shrink to nothing and come back); a box
 given by the user is output as A_t clipped to the frame (a box holds background too, whose pixels
 would otherwise smear it).
+
+Not handled: an object that leaves the frame by its own motion (the camera still) and comes back
+elsewhere is not re-found — its region stays where the scene carried it.
 """
 
 from __future__ import annotations
