@@ -82,12 +82,12 @@ def run_masks(args) -> int:
     opts = masks.mask_options_from_args(args)
     if opts.masks:
         raise InputError("--masks: `loraedit masks` makes masks; give --mask, --box or --first-frame instead")
-    if not opts.mask and not opts.boxes and not args.first_frame:
-        raise InputError("--first-frame is required to find the edit region (or give the region with --box or --mask)")
     if args.frames < 1:
         raise InputError(f"--frames {args.frames}: must be at least 1")
     t0 = time.perf_counter()
     info = probe_video(args.video)
+    if not opts.mask and not opts.boxes and not args.first_frame:
+        raise InputError("--first-frame is required to find the edit region (or give the region with --box or --mask)")
     width, height = parse_size(args.size) if args.size else default_size(info.width, info.height)
     indices = frame_indices(info.n_frames, args.frames, args.start, args.stride, path=args.video, times=info.times)
     frames = np.stack([fit_to_size(f, width, height) for f in read_video_frames(args.video, indices)])
