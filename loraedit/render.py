@@ -44,11 +44,23 @@ def composite(source: np.ndarray, edited: np.ndarray, region: np.ndarray, feathe
     return out
 
 
-def contact_sheet(rows: list[np.ndarray], n: int = 6, label_h: int = 0) -> np.ndarray:
-    """Each row: (F, H, W, 3); picks n evenly spaced frames and tiles them."""
-    F = rows[0].shape[0]
+def contact_sheet(rows: list[np.ndarray], n: int = 6, tile_width: int = 320) -> np.ndarray:
+    """Rows of (F, H, W, 3) frames → one image: n evenly spaced frames per row, labelled by index."""
+    F, H, W = rows[0].shape[:3]
     pick = np.linspace(0, F - 1, min(n, F)).round().astype(int)
-    return np.concatenate([np.concatenate([r[i] for i in pick], axis=1) for r in rows], axis=0)
+    tw = min(W, tile_width)
+    th = round(H * tw / W)
+    tiles = []
+    for row in rows:
+        line = []
+        for i in pick:
+            tile = cv2.resize(row[i], (tw, th), interpolation=cv2.INTER_AREA) if tw != W else row[i].copy()
+            if th >= 48:
+                cv2.putText(tile, str(i), (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 2, cv2.LINE_AA)
+                cv2.putText(tile, str(i), (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+            line.append(tile)
+        tiles.append(np.concatenate(line, axis=1))
+    return np.concatenate(tiles, axis=0)
 
 
 def output_dir(run_dir: Path, name: str | None) -> Path:
