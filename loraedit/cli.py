@@ -279,11 +279,19 @@ def cmd_render(args, out_name: str | None = None) -> int:
 
 
 def cmd_edit(args) -> int:
+    from loraedit import render
+
     cmd_prepare(args)
     cmd_train(args)
-    # a rerun of an interrupted edit finishes render/; one of a finished edit renders beside it
-    first = Path(args.out) / "render"
-    return cmd_render(args, out_name=None if (first / "edited.mp4").is_file() else "render")
+    # a rerun of an interrupted edit finishes render/; a rerun of a finished one with the same
+    # settings has nothing left to do; with other render settings it renders beside the first
+    run_dir, prepared = _prepared(args)
+    for done in sorted(run_dir.glob("render*/settings.json")):
+        if read_json(done) == render.render_settings(args, run_dir, prepared):
+            log.info("already rendered with these settings: %s", done.parent / "edited.mp4")
+            return 0
+    first = run_dir / "render"
+    return cmd_render(args, out_name=None if (first / "settings.json").is_file() else "render")
 
 
 def _quiet_libraries() -> None:
