@@ -45,6 +45,8 @@ def tiny_transformer_config(**overrides) -> dict:
         qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=16, added_kv_proj_dim=24, rope_max_seq_len=64,
     )
     cfg.update(overrides)
+    if "added_kv_proj_dim" not in overrides:  # Wan's image k/v projections act on the inner width
+        cfg["added_kv_proj_dim"] = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     return cfg
 
 

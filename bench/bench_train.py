@@ -1,0 +1,138 @@
+"""Training-step cost: our full step vs. a bare forward+backward of the same transformer.
+
+    python bench/bench_train.py                      # CPU, tiny transformer (what CI machines can run)
+    python bench/bench_train.py --wan14b --frames 49 --size 832x480 --memory bf16 fp8
+                                                     # GPU: the real Wan2.1-I2V-14B shape, random weights
+
+Prints, per memory mode: seconds per step of `train.training_step` (sampling σ and noise, the
+velocity loss, backward, clipping, AdamW), of a bare forward+backward on the same input, their
+ratio (the overhead of our loop; target ≤ 1.10), and peak GPU memory. Random weights cost the same
+as real ones, so no checkpoint is needed. This is a benchmark, not a test: it prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loraedit import method, train  # noqa: E402
+from loraedit.models import DEFAULT_LORA_TARGETS, add_lora, lora_parameters  # noqa: E402
+from loraedit.tiny import tiny_transformer_config  # noqa: E402
+
+WAN21_I2V_14B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024,
+)
+
+
+def build(config: dict, device: torch.device, memory: str, checkpointing: bool):
+    from diffusers import WanTransformer3DModel
+
+    compute = torch.bfloat16 if memory in ("bf16", "fp8") else torch.float32
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**config)
+    model = model.to_empty(device=device).to(compute)
+    for name, module in model.named_modules():  # as from_pretrained does: these stay fp32
+        if any(k in name.split(".") for k in getattr(model, "_keep_in_fp32_modules", None) or []):
+            module.float()
+    with torch.no_grad():  # random weights of a sane scale: the cost is what is measured
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0 if p.ndim == 1 else 0.0)
+    model.requires_grad_(False)
+    if memory == "fp8":
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
+    add_lora(model, 16, 16, DEFAULT_LORA_TARGETS)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    return model
+
+
+def timed(fn, device, warmup: int, repeat: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--wan14b", action="store_true", help="the real Wan2.1-I2V-14B transformer shape")
+    ap.add_argument("--frames", type=int, default=17)
+    ap.add_argument("--size", default="128x128")
+    ap.add_argument("--memory", nargs="+", default=None, help="memory modes to measure (fp32 bf16 fp8)")
+    ap.add_argument("--checkpointing", choices=("on", "off", "auto"), default="auto")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    a = ap.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    modes = a.memory or (["bf16", "fp8"] if device.type == "cuda" else ["fp32"])
+    config = WAN21_I2V_14B if a.wan14b else tiny_transformer_config(num_layers=4, num_attention_heads=4, attention_head_dim=32, ffn_dim=256)
+    W, H = (int(v) for v in a.size.split("x"))
+    T, h, w = method.latent_frames(a.frames), H // 8, W // 8
+    checkpointing = a.checkpointing == "on" or (a.checkpointing == "auto" and device.type == "cuda")
+    print(f"device {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'} · transformer "
+          f"{'Wan2.1-I2V-14B shape' if a.wan14b else 'small'} · {a.frames} frames {W}x{H} → latents 16x{T}x{h}x{w} "
+          f"({T * h * w // 4} tokens) · gradient checkpointing {'on' if checkpointing else 'off'}")
+    print(f"{'mode':6} {'train step s':>13} {'bare fwd+bwd s':>15} {'ratio':>6} {'peak GB':>8}")
+    for mode in modes:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        model = build(config, device, mode, checkpointing)
+        g = torch.Generator().manual_seed(0)
+        x0 = torch.randn(1, 16, T, h, w, generator=g).to(device)
+        cond = torch.randn(1, 20, T, h, w, generator=g).to(device)
+        text = torch.randn(1, 512, config["text_dim"], generator=g).to(device)
+        image = torch.randn(1, 257, config["image_dim"], generator=g).to(device)
+        params = lora_parameters(model)
+        opt = torch.optim.AdamW(params.values(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01)
+        step_no = iter(range(10**9))
+
+        def our_step():
+            s = next(step_no)
+            sg = train.step_generator(0, s)
+            sigma = method.sample_sigma(1, "uniform", sg)
+            noise = torch.randn(x0.shape, generator=sg).to(device)
+            train.training_step(model, opt, x0, cond, text, image, sigma.to(device), noise, 1.0)
+
+        sigma = torch.tensor([0.5], device=device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        x_t = (0.5 * noise + 0.5 * x0)
+        inp = torch.cat([x_t, cond], 1).to(model.dtype)
+
+        def bare():
+            out = model(hidden_states=inp, timestep=sigma * 1000, encoder_hidden_states=text.to(model.dtype),
+                        encoder_hidden_states_image=image.to(model.dtype), return_dict=False)[0]
+            out.float().square().mean().backward()
+            for p in params.values():
+                p.grad = None
+
+        ours = statistics.median(timed(our_step, device, a.warmup, a.repeat))
+        base = statistics.median(timed(bare, device, a.warmup, a.repeat))
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        print(f"{mode:6} {ours:13.3f} {base:15.3f} {ours / base:6.3f} {peak:8.1f}")
+        del model, opt, params
+    if device.type == "cpu":
+        print("(no GPU here: run with --wan14b on a GPU for the real model's s/step and memory)")
+
+
+if __name__ == "__main__":
+    main()

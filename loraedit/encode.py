@@ -1,0 +1,96 @@
+"""Stage 2 of 4 — encode: every VAE / text / image encoding the run needs, done once.
+
+Writes cache/encoded.safetensors; the training loop and the sampler read only this, so no
+training step runs the VAE or an encoder, and the encoders are freed before training loads
+the transformer. Keys (B = 1):
+    x0             (1, 16, T, h, w)   normalised latents of the source video (stage-1 target)
+    cond_train     (1, 20, T, h, w)   [M_cond, y] of the training condition
+    cond_render    (1, 20, T, h, w)   the same with frame 0 = the edited first frame
+    ref.K.x0       (1, 16, 1, h, w)   edited later frame K (stage-2 target)
+    ref.K.cond     (1, 20, 1, h, w)   source frame K, region zeroed, keep outside / generate inside
+    text, negative_text (1, 512, D)   UMT5 embeddings, padded to 512 tokens
+    image_train, image_render (1, N, C)  CLIP hidden_states[-2] of source / edited frame 0 (Wan2.1)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, safe_open, save_file
+
+from loraedit import method
+from loraedit.files import atomic_output
+from loraedit.models import load_encoders, release_memory
+
+
+def to_video_tensor(frames: np.ndarray) -> torch.Tensor:
+    """(F, H, W, 3) uint8 → (F, 3, H, W) float in [-1, 1] (diffusers' VideoProcessor arithmetic)."""
+    return torch.from_numpy(np.array(frames, copy=True)).permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
+
+
+@torch.no_grad()
+def encode_video(vae, video: torch.Tensor) -> torch.Tensor:
+    """(F, 3, H, W) in [-1, 1] → normalised latents (1, 16, T, h, w) (distribution mode)."""
+    device = next(vae.parameters()).device
+    z = vae.encode(video.permute(1, 0, 2, 3)[None].to(device, vae.dtype)).latent_dist.mode().float()
+    return method.normalize_latents(z, torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std))
+
+
+def conditions(vae, source: torch.Tensor, first: torch.Tensor, region: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training condition, render condition), each (1, 20, T, h, w), for `mode`."""
+    if mode == "naive":
+        train_video, keep = method.stock_plan(source[0], source.shape[0])
+        render_video, _ = method.stock_plan(first, source.shape[0])
+    else:
+        train_video, keep = method.edit_plan(source, region)
+        render_video = method.with_first_frame(train_video, first)
+    return (method.condition_tensor(encode_video(vae, train_video), keep),
+            method.condition_tensor(encode_video(vae, render_video), keep))
+
+
+def cache_key(plan: dict, args) -> str:
+    """What the cache depends on; a change of any of these re-encodes."""
+    parts = [plan, str(args.model), args.prompt, args.negative_prompt, args.mode]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached(path: Path, key: str) -> bool:
+    if not path.is_file():
+        return False
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("key") == key
+
+
+def run(args, path: Path, prepared: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """Encode everything for `prepared` into `path`, or read it back if it is already there."""
+    key = cache_key(prepared["plan"], args)
+    if cached(path, key):
+        return load_file(str(path))
+    pipe = load_encoders(args.model, device)
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        text, negative = pipe.encode_prompt(args.prompt, args.negative_prompt, do_classifier_free_guidance=True,
+                                            max_sequence_length=512, device=device)
+        out["text"], out["negative_text"] = text.float().cpu(), negative.float().cpu()
+        if pipe.image_encoder is not None:
+            out["image_train"] = pipe.encode_image(Image.fromarray(prepared["source"][0]), device).float().cpu()
+            out["image_render"] = pipe.encode_image(Image.fromarray(prepared["first"]), device).float().cpu()
+        source = to_video_tensor(prepared["source"])
+        first = to_video_tensor(prepared["first"][None])[0]
+        region = torch.from_numpy(prepared["region"])
+        out["x0"] = encode_video(pipe.vae, source).cpu()
+        out["cond_train"], out["cond_render"] = (c.cpu() for c in conditions(pipe.vae, source, first, region, args.mode))
+        for k, ref in prepared["refs"].items():
+            cond, keep = method.edit_plan(source[k : k + 1], region[k : k + 1], keep_first=False)
+            out[f"ref.{k}.x0"] = encode_video(pipe.vae, to_video_tensor(ref[None])).cpu()
+            out[f"ref.{k}.cond"] = method.condition_tensor(encode_video(pipe.vae, cond), keep).cpu()
+    del pipe
+    release_memory()
+    with atomic_output(path) as tmp:
+        save_file({k: v.contiguous() for k, v in out.items()}, str(tmp), metadata={"key": key})
+    return out

@@ -1,0 +1,58 @@
+"""manifest.json: the record of a run — settings, seed, input hashes, versions, timings, memory."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from loraedit.files import read_json, sha256_path, write_json
+
+PACKAGES = ("loraedit", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "av",
+            "opencv-python-headless", "numpy", "pillow")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda or ""
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def input_hashes(settings: dict) -> dict[str, str]:
+    """sha256 of every input file; for the model only its small config files (weights are tens of GB)."""
+    out = {}
+    for key in ("video", "first_frame", "mask", "masks", "config"):
+        p = settings.get(key)
+        if p and Path(p).exists():
+            out[key] = sha256_path(p)
+    for item in settings.get("ref") or []:
+        path = item.partition("=")[2]
+        if Path(path).is_file():
+            out[f"ref {item.partition('=')[0]}"] = sha256_path(path)
+    model = Path(str(settings.get("model", "")))
+    if model.is_dir():
+        for cfg in sorted(model.glob("*/*config.json")) + [model / "model_index.json"]:
+            if cfg.is_file():
+                out[f"model/{cfg.relative_to(model)}"] = sha256_path(cfg)
+    return out
+
+
+def update(run_dir: Path, stage: str, figures: dict, settings: dict) -> None:
+    path = run_dir / "manifest.json"
+    m = read_json(path) if path.is_file() else {}
+    m["settings"] = settings
+    m["seed"] = settings.get("seed")
+    m["inputs"] = input_hashes(settings)
+    m["versions"] = versions()
+    m.setdefault("stages", {})[stage] = figures
+    write_json(path, m)

@@ -1,0 +1,215 @@
+"""Loading the Wan I2V components through diffusers, attaching the LoRA (peft), saving it.
+
+Everything about model folders, dtypes and LoRA formats lives here, so the stages above deal
+only in tensors.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from loraedit.errors import InputError
+from loraedit.files import atomic_output
+
+# every linear layer of each block except the image key/value projections (add_k_proj/add_v_proj)
+DEFAULT_LORA_TARGETS = r".*blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|attn2\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.0\.proj|ffn\.net\.2)"
+ADAPTER = "edit"
+
+# diffusers module path → original Wan (and ComfyUI) module path, inside blocks.N
+_WAN_NAMES = [
+    ("attn1.to_q", "self_attn.q"), ("attn1.to_k", "self_attn.k"), ("attn1.to_v", "self_attn.v"),
+    ("attn1.to_out.0", "self_attn.o"), ("attn2.to_q", "cross_attn.q"), ("attn2.to_k", "cross_attn.k"),
+    ("attn2.to_v", "cross_attn.v"), ("attn2.to_out.0", "cross_attn.o"), ("attn2.add_k_proj", "cross_attn.k_img"),
+    ("attn2.add_v_proj", "cross_attn.v_img"), ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu (slow) or check the driver")
+    return torch.device(name)
+
+
+def memory_mode(requested: str, device: torch.device) -> str:
+    """'auto' → fp32 on the CPU; on a GPU bf16 when the 14B weights (28 GB) fit with room, else fp8."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return "bf16" if total >= 48 else "fp8"
+
+
+def check_model(path: str) -> str:
+    """A local diffusers folder of a Wan I2V pipeline (or a hub id, which diffusers downloads)."""
+    p = Path(path)
+    if not p.exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
+            return path  # a hub id: diffusers fetches it where there is network
+        raise InputError(f"{path}: no such model folder; pass a Wan I2V folder in diffusers layout (e.g. Wan2.1-I2V-14B-480P-Diffusers)")
+    index = p / "model_index.json"
+    if not index.is_file():
+        raise InputError(f"{path}: not a diffusers model folder (no model_index.json); download the '-Diffusers' variant of the Wan I2V model")
+    try:
+        cls = json.loads(index.read_text()).get("_class_name", "")
+    except json.JSONDecodeError:
+        raise InputError(f"{index}: is not valid JSON; re-download the model") from None
+    if cls != "WanImageToVideoPipeline":
+        raise InputError(f"{path}: is a {cls or 'unknown'} folder, not a Wan image-to-video model; pass a Wan2.1/2.2 I2V diffusers folder")
+    index_data = json.loads(index.read_text())
+    if (index_data.get("transformer_2") or [None])[0] or index_data.get("expand_timesteps"):
+        raise InputError(f"{path}: is a Wan2.2 model (two experts or TI2V-5B); this version supports Wan2.1 I2V folders, e.g. Wan2.1-I2V-14B-480P-Diffusers")
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (p / sub).is_dir():
+            raise InputError(f"{path}: the '{sub}' folder is missing; the download is incomplete")
+    return str(p)
+
+
+def load_encoders(model: str, device: torch.device):
+    """The pipeline without its transformer(s): tokenizer, UMT5, CLIP (Wan2.1), VAE, scheduler."""
+    from diffusers import WanImageToVideoPipeline
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe = WanImageToVideoPipeline.from_pretrained(model, transformer=None, transformer_2=None, torch_dtype=dtype)
+    pipe.vae.to(torch.float32)  # the Wan VAE is numerically fragile in half precision
+    pipe.to(device)
+    return pipe
+
+
+def load_vae(model: str, device: torch.device):
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).to(device).eval()
+
+
+def load_scheduler(model: str, shift: float):
+    """The model's own scheduler class and config, with the flow shift set to `shift`."""
+    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    cfg_path = Path(model) / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {"_class_name": "UniPCMultistepScheduler"}
+    cls = {"UniPCMultistepScheduler": UniPCMultistepScheduler, "FlowMatchEulerDiscreteScheduler": FlowMatchEulerDiscreteScheduler}.get(cfg["_class_name"])
+    if cls is None:
+        import diffusers
+
+        cls = getattr(diffusers, cfg["_class_name"])
+    scheduler = cls.from_pretrained(model, subfolder="scheduler") if cfg_path.is_file() else cls(prediction_type="flow_prediction", use_flow_sigmas=True)
+    key = "flow_shift" if "flow_shift" in scheduler.config else "shift"
+    return cls.from_config(scheduler.config, **{key: shift})
+
+
+def load_transformer(model: str, device: torch.device, memory: str):
+    """The denoiser, frozen, in the precision of the memory mode.
+
+    memory: 'fp32' (CPU default), 'bf16' (GPU default) or 'fp8' (base weights stored in
+    float8 and cast per layer to bf16 for compute; halves the weights' memory again).
+    """
+    from diffusers import WanTransformer3DModel
+
+    compute = torch.float32 if memory == "fp32" or device.type == "cpu" and memory != "bf16" else torch.bfloat16
+    transformer = WanTransformer3DModel.from_pretrained(model, subfolder="transformer", torch_dtype=compute)
+    transformer.requires_grad_(False)
+    if memory == "fp8":
+        # storage in fp8, compute in `compute`; norms/embeddings stay full precision (diffusers' skip list)
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
+    return transformer.to(device)
+
+
+def add_lora(transformer, rank: int, alpha: float, targets: str = DEFAULT_LORA_TARGETS, seed: int = 0):
+    """Attach a fresh LoRA (peft) to `transformer`; LoRA weights train in fp32."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the LoRA's initial A matrices are part of the reproducible run
+        transformer.add_adapter(config, adapter_name=ADAPTER)
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    return config
+
+
+def lora_parameters(transformer) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+
+
+def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """diffusers-style keys ('blocks.0.attn1.to_q.lora_A.weight'), no adapter name."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+    return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+
+
+def to_wan_format(sd: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """diffusers LoRA keys → original Wan / ComfyUI keys ('diffusion_model.blocks.0.self_attn.q.lora_A.weight')."""
+    out = {}
+    for key, value in sd.items():
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(lora_[AB])\.weight", key)
+        if m is None:
+            raise ValueError(f"unexpected LoRA key {key}")
+        block, module, ab = m.groups()
+        wan = dict(_WAN_NAMES).get(module)
+        if wan is None:
+            raise ValueError(f"no Wan name for {module}")
+        base = f"diffusion_model.blocks.{block}.{wan}"
+        out[f"{base}.{ab}.weight"] = value
+        out[f"{base}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def save_lora(transformer, folder: str | Path, rank: int, alpha: float, targets: str) -> dict[str, Path]:
+    """Write the LoRA twice: diffusers format with adapter metadata, and Wan/ComfyUI format."""
+    from diffusers import WanImageToVideoPipeline
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = lora_state_dict(transformer)
+    metadata = {"r": rank, "lora_alpha": alpha, "target_modules": targets, "init_lora_weights": True}
+    diffusers_file = folder / "pytorch_lora_weights.safetensors"
+    with atomic_output(diffusers_file) as tmp:
+        # save_lora_weights writes into a directory under a fixed name: give it a scratch one
+        scratch = tmp.parent / (tmp.name + ".d")
+        WanImageToVideoPipeline.save_lora_weights(
+            scratch, transformer_lora_layers=sd, transformer_lora_adapter_metadata=metadata, safe_serialization=True
+        )
+        (scratch / "pytorch_lora_weights.safetensors").replace(tmp)
+        scratch.rmdir()
+    wan_file = folder / "wan_lora.safetensors"
+    with atomic_output(wan_file) as tmp:
+        save_file(to_wan_format(sd, alpha), str(tmp), metadata={"format": "wan", "rank": str(rank), "alpha": str(alpha)})
+    return {"diffusers": diffusers_file, "wan": wan_file}
+
+
+def load_trained_lora(transformer, lora_file: str | Path):
+    """Load our saved diffusers-format LoRA into a bare transformer (diffusers' own loader)."""
+    from diffusers import WanImageToVideoPipeline
+
+    sd, metadata = WanImageToVideoPipeline.lora_state_dict(str(lora_file), return_lora_metadata=True)
+    transformer.load_lora_adapter(sd, prefix="transformer", adapter_name=ADAPTER, metadata=metadata)
+    return transformer
+
+
+def release_memory() -> None:
+    """Return the memory of models the caller has just dropped (`del`) to the device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by PyTorch, or on the CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -1,0 +1,137 @@
+"""Stage 4 of 4 — render: sample the edited video with the trained LoRA and write what a person watches.
+
+    render/edited.mp4          the result (H.264)
+    render/side_by_side.mp4    source | edited
+    render/contact_sheet.png   sampled frames, source row above edited row
+    render/frames/NNN.png      the result losslessly, for metrics and further work
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from loraedit import method
+from loraedit.models import memory_mode, load_scheduler, load_trained_lora, load_transformer, load_vae, peak_memory_gb, release_memory
+from loraedit.files import write_json
+from loraedit.video import write_png, write_video
+
+log = logging.getLogger("loraedit")
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> np.ndarray:
+    """Normalised latents (1, 16, T, h, w) → (F, H, W, 3) uint8 (diffusers' postprocessing arithmetic)."""
+    device = next(vae.parameters()).device
+    z = method.denormalize_latents(latents.to(device, vae.dtype), torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std))
+    video = vae.decode(z, return_dict=False)[0]  # (1, 3, F, H, W) in [-1, 1]
+    video = (video / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 3, 0).float().cpu().numpy()
+    return (video * 255).round().astype(np.uint8)
+
+
+def composite(source: np.ndarray, edited: np.ndarray, region: np.ndarray, feather: int) -> np.ndarray:
+    """Paste source pixels back outside the edit region, blending over a `feather`-pixel band."""
+    out = np.empty_like(edited)
+    k = 2 * feather + 1
+    for i in range(len(edited)):
+        a = cv2.dilate(region[i].astype(np.uint8), np.ones((k, k), np.uint8)).astype(np.float32)
+        a = cv2.GaussianBlur(a, (k, k), feather / 2)[..., None] if feather > 0 else a[..., None]
+        out[i] = (a * edited[i] + (1 - a) * source[i]).round().astype(np.uint8)
+    return out
+
+
+def contact_sheet(rows: list[np.ndarray], n: int = 6, tile_width: int = 320) -> np.ndarray:
+    """Rows of (F, H, W, 3) frames → one image: n evenly spaced frames per row, labelled by index."""
+    F, H, W = rows[0].shape[:3]
+    pick = np.linspace(0, F - 1, min(n, F)).round().astype(int)
+    tw = min(W, tile_width)
+    th = round(H * tw / W)
+    tiles = []
+    for row in rows:
+        line = []
+        for i in pick:
+            tile = cv2.resize(row[i], (tw, th), interpolation=cv2.INTER_AREA) if tw != W else row[i].copy()
+            if th >= 48:
+                cv2.putText(tile, str(i), (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 2, cv2.LINE_AA)
+                cv2.putText(tile, str(i), (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+            line.append(tile)
+        tiles.append(np.concatenate(line, axis=1))
+    return np.concatenate(tiles, axis=0)
+
+
+def render_settings(args, run_dir: Path, prepared: dict) -> dict:
+    """Everything a render's result depends on (its trained LoRA included)."""
+    from loraedit.files import sha256_file
+
+    lora = run_dir / "lora" / "pytorch_lora_weights.safetensors"
+    return {"seed": args.seed, "render_steps": args.render_steps, "shift": args.shift, "guidance": args.guidance,
+            "composite": args.composite, "feather": args.feather, "prompt": args.prompt,
+            "negative_prompt": args.negative_prompt, "memory": args.memory,
+            "first_frame": prepared["plan"].get("first_frame_sha256", "prepared"),
+            "lora": sha256_file(lora) if lora.is_file() else None}
+
+
+def output_dir(run_dir: Path, name: str | None) -> Path:
+    """render/ for the first render; render-2, render-3 … after, so no result is overwritten."""
+    if name:
+        return run_dir / name
+    d, i = run_dir / "render", 2
+    while d.exists():
+        d, i = run_dir / f"render-{i}", i + 1
+    return d
+
+
+def run(args, run_dir: Path, prepared: dict, cache: dict[str, torch.Tensor], device: torch.device, out_dir: Path, progress=None) -> dict:
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    memory = memory_mode(args.memory, device)
+    transformer = load_transformer(args.model, device, memory).eval()
+    lora_file = run_dir / "lora" / "pytorch_lora_weights.safetensors"
+    if lora_file.is_file():
+        load_trained_lora(transformer, lora_file)
+    else:
+        log.warning("no trained LoRA in %s: rendering with the base model", run_dir / "lora")
+    scheduler = load_scheduler(args.model, args.shift)
+    cond = cache["cond_render"].to(device)
+    shape = (1, 16, cond.shape[2], cond.shape[3], cond.shape[4])
+    # noise drawn on the CPU, as diffusers does with a CPU generator, so seeds mean the same everywhere
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float32).to(device)
+    image = cache.get("image_render")
+    bar = tqdm(total=args.render_steps, desc="render", unit="step", disable=progress is False)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    latents = method.sample_latents(
+        transformer, scheduler, noise, cond, cache["text"].to(device), cache["negative_text"].to(device),
+        None if image is None else image.to(device), args.render_steps, args.guidance, on_step=lambda i: bar.update(1),
+    )
+    bar.close()
+    peak = peak_memory_gb(device)
+    del transformer
+    release_memory()
+    vae = load_vae(args.model, device)
+    frames = decode(vae, latents)
+    del vae
+    release_memory()
+
+    source = prepared["source"]
+    if args.composite:
+        frames = composite(source, frames, prepared["region"], args.feather)
+    fps = prepared["plan"]["fps"]
+    plan = prepared["plan"]
+    # the source's sound fits only when the frames are the clip's own consecutive frames from its start
+    consecutive = plan["indices"] == list(range(plan["frames"]))
+    audio = args.video if plan.get("has_audio") and consecutive and args.video and Path(args.video).is_file() else None
+    for i, f in enumerate(frames):
+        write_png(out_dir / "frames" / f"{i:03d}.png", f)
+    write_video(out_dir / "edited.mp4", frames, fps, audio_from=audio)
+    write_video(out_dir / "side_by_side.mp4", np.concatenate([source, frames], axis=2), fps)
+    write_png(out_dir / "contact_sheet.png", contact_sheet([source, frames]))
+    write_json(out_dir / "settings.json", render_settings(args, run_dir, prepared))  # last: marks it complete
+    return {"seconds": time.perf_counter() - t0, "peak_memory_gb": peak, "dir": str(out_dir), "seed": args.seed,
+            "steps": args.render_steps, "guidance": args.guidance, "shift": args.shift}

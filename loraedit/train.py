@@ -1,0 +1,212 @@
+"""Stage 3 of 4 — train: the per-video LoRA, stage 1 on the video, stage 2 on the references.
+
+A short, linear loop. Every random draw of step s comes from a generator seeded by (seed, s),
+and a checkpoint holds the LoRA and the optimizer state, so a killed run resumed from its last
+checkpoint gives exactly the same LoRA as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraedit import method
+from loraedit.files import atomic_output, read_json, write_json
+from loraedit.models import memory_mode, add_lora, load_transformer, lora_parameters, peak_memory_gb, release_memory, save_lora
+
+log = logging.getLogger("loraedit")
+
+
+# ---------------------------------------------------------------- the pure parts
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def sample_for_step(step: int, steps: int, ref_keys: list[int], video_every: int, g: torch.Generator) -> int | None:
+    """Which sample trains at `step`: None = the video, k = reference frame k.
+
+    Stage 1 (step < steps) is the video alone. Stage 2 draws a reference at random each step and
+    mixes the video in every `video_every`-th step (the original code: ~1 video per 9 references).
+    """
+    if step < steps or not ref_keys:
+        return None
+    i = step - steps
+    if video_every > 0 and i % video_every == video_every - 1:
+        return None
+    return ref_keys[int(torch.randint(len(ref_keys), (1,), generator=g))]
+
+
+def training_step(transformer, optimizer, x0, condition, text, image, sigma, noise, grad_clip: float) -> float:
+    """One optimisation step of the velocity loss; returns the loss."""
+    loss = method.velocity_loss(transformer, x0, condition, text, image, sigma, noise)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+# ---------------------------------------------------------------- checkpoints (safetensors, no pickle)
+
+
+def save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, losses: list[float]) -> None:
+    names = list(params)
+    tensors = {f"lora.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
+    state = optimizer.state_dict()
+    for idx, st in state["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{names[idx]}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "param_groups": state["param_groups"]}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # a checkpoint exists whole or not at all
+
+
+def load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], optimizer) -> tuple[int, list[float]]:
+    tensors = load_file(str(folder / "state.safetensors"))
+    meta = json.loads((folder / "state.json").read_text())
+    names = list(params)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"lora.{n}"])
+    state = {"state": {}, "param_groups": meta["param_groups"]}
+    for idx, n in enumerate(names):
+        st = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
+        if st:
+            state["state"][idx] = st
+    optimizer.load_state_dict(state)
+    return meta["step"], meta["losses"]
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    done = sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+# ---------------------------------------------------------------- outputs a person looks at
+
+
+def write_losses(train_dir: Path, losses: list[float], samples: list[str], steps: int) -> None:
+    with atomic_output(train_dir / "losses.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "stage", "sample", "loss"])
+            for i, (loss, s) in enumerate(zip(losses, samples)):
+                w.writerow([i + 1, 1 if i < steps else 2, s, f"{loss:.6f}"])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    xs = range(1, len(losses) + 1)
+    ax.plot(xs, losses, lw=0.8, alpha=0.4, color="tab:blue", label="step loss")
+    k = max(1, len(losses) // 20)
+    if len(losses) >= k:
+        smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
+        ax.plot(xs, smooth, lw=1.6, color="tab:blue", label=f"mean of {k}")
+    if 0 < steps < len(losses):
+        ax.axvline(steps + 0.5, color="gray", ls="--", lw=1)
+        ax.text(steps + 1, ax.get_ylim()[1], " stage 2", va="top", fontsize=8, color="gray")
+    ax.set_xlabel("step")
+    ax.set_ylabel("velocity MSE")
+    ax.set_title("LoRA training loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(train_dir / "losses.png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def sample_names(total: int, args, ref_keys: list[int]) -> list[str]:
+    return ["video" if (k := sample_for_step(s, args.steps, ref_keys, args.ref_video_every, step_generator(args.seed, s))) is None else f"ref{k}"
+            for s in range(total)]
+
+
+def run(args, run_dir: Path, cache: dict[str, torch.Tensor], device: torch.device, progress=None) -> dict:
+    """Train (or resume) and write lora/; returns timing and memory figures."""
+    from tqdm.auto import tqdm
+
+    train_dir = run_dir / "train"
+    ref_keys = sorted(int(k.split(".")[1]) for k in cache if k.startswith("ref.") and k.endswith(".x0"))
+    total = args.steps + (args.ref_steps if ref_keys else 0)
+    done_file = train_dir / "done.json"
+    if done_file.is_file() and read_json(done_file).get("total") == total and (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file():
+        log.info("training already finished (%d steps); reusing lora/", total)
+        return read_json(done_file)
+    if total == 0:
+        return {"total": 0, "seconds": 0.0}
+
+    memory = memory_mode(args.memory, device)
+    transformer = load_transformer(args.model, device, memory)
+    add_lora(transformer, args.rank, args.alpha, args.lora_targets, seed=args.seed)
+    if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.type == "cuda"):
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    params = lora_parameters(transformer)
+    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+
+    start, losses = 0, []
+    ckpt_dir = train_dir / "checkpoints"
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None:
+        start, losses = load_checkpoint(last, params, optimizer)
+        log.info("resuming from %s (step %d of %d)", last, start, total)
+
+    def on_device(t):
+        return None if t is None else t.to(device)
+
+    text = on_device(cache["text"])
+    samples = {None: (on_device(cache["x0"]), on_device(cache["cond_train"]), on_device(cache.get("image_train")))}
+    for k in ref_keys:
+        samples[k] = (on_device(cache[f"ref.{k}.x0"]), on_device(cache[f"ref.{k}.cond"]), on_device(cache.get("image_render")))
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=progress is False)
+    for step in range(start, total):
+        g = step_generator(args.seed, step)
+        key = sample_for_step(step, args.steps, ref_keys, args.ref_video_every, g)
+        x0, cond, image = samples[key]
+        sigma = method.sample_sigma(1, args.timesteps, g, shift=args.train_shift)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        loss = training_step(transformer, optimizer, x0, cond, text, image, sigma.to(device), noise, args.grad_clip)
+        losses.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", stage=1 if step < args.steps else 2)
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == total:
+            save_checkpoint(ckpt_dir / f"step-{step + 1:06d}", step + 1, params, optimizer, losses)
+            for old in sorted(ckpt_dir.glob("step-*"))[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+            write_losses(train_dir, losses, sample_names(step + 1, args, ref_keys), args.steps)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    save_lora(transformer, run_dir / "lora", args.rank, args.alpha, args.lora_targets)
+    peak = peak_memory_gb(device)
+    del transformer, optimizer, params, samples
+    release_memory()
+    result = {
+        "total": total, "stage1_steps": args.steps, "stage2_steps": total - args.steps, "resumed_from": start,
+        "seconds": seconds, "seconds_per_step": seconds / max(1, total - start), "memory_mode": memory,
+        "peak_memory_gb": peak, "final_loss": losses[-1] if losses else None,
+    }
+    write_json(done_file, result)
+    return result

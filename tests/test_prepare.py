@@ -1,0 +1,64 @@
+"""The prepare stage: frame choice, sizes, the edited frame's size, references."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from loraedit import prepare
+from loraedit.errors import InputError
+from loraedit.video import frame_indices, read_image, write_png
+
+
+def _args(clip, out, **kw):
+    base = dict(video=str(clip["video"]), first_frame=str(clip["first_frame"]), mask=str(clip["mask"]), frames=17,
+                size="96x64", start=0, stride=None, ref=None, mask_style="bbox", grow=0.10)
+    base.update(kw)
+    ns = argparse.Namespace(**base)
+    from loraedit import masks
+
+    parser = argparse.ArgumentParser()
+    masks.add_mask_arguments(parser)
+    for k, v in vars(parser.parse_args([])).items():  # the mask flags' own defaults
+        if not hasattr(ns, k):
+            setattr(ns, k, v)
+    return ns
+
+
+def test_frames_are_spread_evenly_or_strided():
+    assert frame_indices(24, 17) == [round(i * 23 / 16) for i in range(17)]
+    assert frame_indices(100, 5, start=10, stride=3) == [10, 13, 16, 19, 22]
+    with pytest.raises(InputError, match="fewer than --frames"):
+        frame_indices(10, 17)
+
+
+def test_prepare_writes_lossless_frames_regions_and_plan(clip, tmp_path):
+    plan = prepare.run(_args(clip, tmp_path, ref=[f"8={clip['ref']}"]), tmp_path)
+    assert (plan["width"], plan["height"], plan["frames"]) == (96, 64, 17)
+    loaded = prepare.load(tmp_path)
+    assert loaded["source"].shape == (17, 64, 96, 3) and loaded["region"].shape == (17, 64, 96)
+    assert list(loaded["refs"]) == [8]
+    # the region follows the square (mask given per frame), loosened into a box
+    xs = [np.nonzero(r.any(axis=0))[0] for r in loaded["region"]]
+    assert xs[-1].min() > xs[0].min() + 20
+    assert loaded["region"][0].sum() >= 16 * 20
+    # PNG intermediates are exact
+    assert np.array_equal(read_image(tmp_path / "prepare" / "first_frame.png"), loaded["first"])
+
+
+def test_an_edited_frame_at_the_working_size_or_the_source_aspect_is_accepted(clip, tmp_path):
+    src = read_image(clip["first_frame"])  # 96x64: the source size and the working size here
+    assert prepare.fit_edited(src, 96, 64, 96, 64, "x").shape == (64, 96, 3)
+    big = np.repeat(np.repeat(src, 2, axis=0), 2, axis=1)  # 192x128, same aspect
+    assert prepare.fit_edited(big, 96, 64, 96, 64, "x").shape == (64, 96, 3)
+    with pytest.raises(InputError, match="different aspect ratio"):
+        prepare.fit_edited(np.zeros((100, 100, 3), np.uint8), 96, 64, 96, 64, "x.png")
+
+
+def test_reference_index_must_lie_inside_the_clip(clip):
+    assert prepare.parse_refs([f"16={clip['ref']}"], 17) == {16: str(clip["ref"])}
+    for bad in ("0", "17", "-1"):
+        with pytest.raises(InputError, match="outside the clip"):
+            prepare.parse_refs([f"{bad}={clip['ref']}"], 17)
+    with pytest.raises(InputError, match="FRAME=PATH"):
+        prepare.parse_refs([str(clip["ref"])], 17)

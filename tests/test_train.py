@@ -1,0 +1,115 @@
+"""Training: the loss falls, resume equals an uninterrupted run, the memory modes train."""
+
+import argparse
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraedit import method, train
+from loraedit.cli import main
+from loraedit.models import DEFAULT_LORA_TARGETS, add_lora, load_transformer, lora_parameters
+
+from conftest import edit_argv
+
+
+def _batch(transformer):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 16, 3, 4, 6, generator=g)
+    cond = torch.randn(1, 20, 3, 4, 6, generator=g)
+    text = torch.randn(1, 512, transformer.config.text_dim, generator=g)
+    image = torch.randn(1, 5, transformer.config.image_dim, generator=g)
+    return x0, cond, text, image, torch.tensor([0.5]), torch.randn(x0.shape, generator=g)
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(tiny_model):
+    transformer = load_transformer(str(tiny_model), torch.device("cpu"), "fp32")
+    add_lora(transformer, 8, 8, DEFAULT_LORA_TARGETS)
+    params = lora_parameters(transformer)
+    names = list(params)
+    assert names and all("lora_" in n for n in names)
+    assert not any("add_k_proj" in n or "add_v_proj" in n for n in names)  # image k/v stay frozen
+    assert any("attn1.to_q" in n for n in names) and any("ffn.net.2" in n for n in names)
+    frozen_before = transformer.blocks[0].attn1.to_q.base_layer.weight.clone()
+    opt = torch.optim.AdamW(params.values(), lr=1e-2)
+    batch = _batch(transformer)
+    losses = [train.training_step(transformer, opt, *batch, grad_clip=1.0) for _ in range(40)]
+    assert losses[-1] < 0.7 * losses[0]
+    assert torch.equal(transformer.blocks[0].attn1.to_q.base_layer.weight, frozen_before)
+
+
+def test_fp8_memory_mode_stores_base_weights_in_float8_and_trains_the_lora_in_fp32(tiny_model):
+    transformer = load_transformer(str(tiny_model), torch.device("cpu"), "fp8")
+    add_lora(transformer, 4, 4, DEFAULT_LORA_TARGETS)
+    assert transformer.blocks[0].attn1.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
+    params = lora_parameters(transformer)
+    assert all(p.dtype == torch.float32 for p in params.values())
+    opt = torch.optim.AdamW(params.values(), lr=2e-3)
+    batch = _batch(transformer)
+    losses = [train.training_step(transformer, opt, *batch, grad_clip=1.0) for _ in range(10)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(tiny_model):
+    results = []
+    for checkpointing in (False, True):
+        transformer = load_transformer(str(tiny_model), torch.device("cpu"), "fp32")
+        add_lora(transformer, 4, 4, DEFAULT_LORA_TARGETS, seed=1)
+        with torch.no_grad():  # B starts at zero; make it non-zero so A gets gradients too
+            for n, p in lora_parameters(transformer).items():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        x0, cond, text, image, sigma, noise = _batch(transformer)
+        loss = method.velocity_loss(transformer, x0, cond, text, image, sigma, noise)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in lora_parameters(transformer).items()}))
+    (l0, g0), (l1, g1) = results
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    assert g0.keys() == g1.keys() and all(g0[n].abs().sum() > 0 for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], atol=1e-6, rtol=1e-4)
+
+
+def test_stage_two_mixes_references_with_the_video():
+    g = lambda s: train.step_generator(0, s)  # noqa: E731
+    picks = [train.sample_for_step(s, 10, [8, 12], 10, g(s)) for s in range(40)]
+    assert picks[:10] == [None] * 10  # stage 1: the video
+    stage2 = picks[10:]
+    assert stage2[9] is None and stage2[19] is None  # every 10th: the video
+    assert {p for p in stage2 if p is not None} == {8, 12}
+    assert train.sample_for_step(15, 10, [], 10, g(15)) is None
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_model, clip, tmp_path, monkeypatch):
+    argv = lambda out: edit_argv(tiny_model, clip, out, "--steps", "6", "--checkpoint-every", "2", "--ref", f"8={clip['ref']}",  # noqa: E731
+                                 "--ref-steps", "3")
+    assert main(argv(tmp_path / "whole")) == 0
+
+    real_step = train.training_step
+    calls = {"n": 0}
+
+    def dying_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # killed during step 6, after the checkpoint at step 4
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "training_step", dying_step)
+    assert main(argv(tmp_path / "killed")) == 130
+    assert not (tmp_path / "killed" / "lora").exists()
+    monkeypatch.setattr(train, "training_step", real_step)
+    assert main(argv(tmp_path / "killed")) == 0
+
+    done = (tmp_path / "killed" / "train" / "done.json").read_text()
+    assert '"resumed_from": 4' in done
+    for name in ("pytorch_lora_weights.safetensors", "wan_lora.safetensors"):
+        a = load_file(str(tmp_path / "whole" / "lora" / name))
+        b = load_file(str(tmp_path / "killed" / "lora" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    whole = (tmp_path / "whole" / "train" / "losses.csv").read_text()
+    assert whole == (tmp_path / "killed" / "train" / "losses.csv").read_text()
+    assert len(whole.strip().splitlines()) == 1 + 9 and ",2,ref8," in whole
