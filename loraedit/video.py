@@ -237,9 +237,12 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def fit_edited(img: np.ndarray, width: int, height: int, src_w: int, src_h: int, path: str) -> np.ndarray:
-    """An edited frame → the working size. Another size than the source's is fine (resized, with a
-    warning) when its aspect matches within 2%; another aspect is an InputError."""
+    """An edited frame → the working size. One already at the working size is used as it is;
+    another size than the source's is fine (resized, with a warning) when its aspect matches
+    within 2%; another aspect is an InputError. (The same rule as prepare.fit_edited.)"""
     h, w = img.shape[:2]
+    if (w, h) == (width, height):
+        return img  # already at the working size (e.g. edited from a frame of `loraedit masks` or prepare)
     if (w, h) != (src_w, src_h):
         if abs(w / h - src_w / src_h) > 0.02 * (src_w / src_h):
             raise InputError(f"{path}: is {w}x{h}, a different aspect ratio from the video's {src_w}x{src_h}; crop or pad it to the video's aspect")
