@@ -71,6 +71,47 @@ def timed(fn, device, warmup: int, repeat: int) -> list[float]:
     return out
 
 
+def measure(config: dict, device: torch.device, mode: str, checkpointing: bool, latent_shape, warmup: int, repeat: int):
+    """(our step s, bare forward+backward s, peak GB) for one memory mode; the model dies with the call."""
+    T, h, w = latent_shape
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = build(config, device, mode, checkpointing)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 16, T, h, w, generator=g).to(device)
+    cond = torch.randn(1, 20, T, h, w, generator=g).to(device)
+    text = torch.randn(1, 512, config["text_dim"], generator=g).to(device)
+    image = torch.randn(1, 257, config["image_dim"], generator=g).to(device)
+    params = lora_parameters(model)
+    opt = torch.optim.AdamW(params.values(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01)
+    step_no = iter(range(10**9))
+
+    def our_step():
+        s = next(step_no)
+        sg = train.step_generator(0, s)
+        sigma = method.sample_sigma(1, "uniform", sg)
+        noise = torch.randn(x0.shape, generator=sg).to(device)
+        train.training_step(model, opt, x0, cond, text, image, sigma.to(device), noise, 1.0)
+
+    sigma = torch.tensor([0.5], device=device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    x_t = (0.5 * noise + 0.5 * x0)
+    inp = torch.cat([x_t, cond], 1).to(model.dtype)
+
+    def bare():
+        out = model(hidden_states=inp, timestep=sigma * 1000, encoder_hidden_states=text.to(model.dtype),
+                    encoder_hidden_states_image=image.to(model.dtype), return_dict=False)[0]
+        out.float().square().mean().backward()
+        for p in params.values():
+            p.grad = None
+
+    ours = statistics.median(timed(our_step, device, warmup, repeat))
+    base = statistics.median(timed(bare, device, warmup, repeat))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return ours, base, peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--wan14b", action="store_true", help="the real Wan2.1-I2V-14B transformer shape")
@@ -93,43 +134,8 @@ def main() -> None:
           f"({T * h * w // 4} tokens) · gradient checkpointing {'on' if checkpointing else 'off'}")
     print(f"{'mode':6} {'train step s':>13} {'bare fwd+bwd s':>15} {'ratio':>6} {'peak GB':>8}")
     for mode in modes:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        model = build(config, device, mode, checkpointing)
-        g = torch.Generator().manual_seed(0)
-        x0 = torch.randn(1, 16, T, h, w, generator=g).to(device)
-        cond = torch.randn(1, 20, T, h, w, generator=g).to(device)
-        text = torch.randn(1, 512, config["text_dim"], generator=g).to(device)
-        image = torch.randn(1, 257, config["image_dim"], generator=g).to(device)
-        params = lora_parameters(model)
-        opt = torch.optim.AdamW(params.values(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01)
-        step_no = iter(range(10**9))
-
-        def our_step():
-            s = next(step_no)
-            sg = train.step_generator(0, s)
-            sigma = method.sample_sigma(1, "uniform", sg)
-            noise = torch.randn(x0.shape, generator=sg).to(device)
-            train.training_step(model, opt, x0, cond, text, image, sigma.to(device), noise, 1.0)
-
-        sigma = torch.tensor([0.5], device=device)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        x_t = (0.5 * noise + 0.5 * x0)
-        inp = torch.cat([x_t, cond], 1).to(model.dtype)
-
-        def bare():
-            out = model(hidden_states=inp, timestep=sigma * 1000, encoder_hidden_states=text.to(model.dtype),
-                        encoder_hidden_states_image=image.to(model.dtype), return_dict=False)[0]
-            out.float().square().mean().backward()
-            for p in params.values():
-                p.grad = None
-
-        ours = statistics.median(timed(our_step, device, a.warmup, a.repeat))
-        base = statistics.median(timed(bare, device, a.warmup, a.repeat))
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        ours, base, peak = measure(config, device, mode, checkpointing, (T, h, w), a.warmup, a.repeat)
         print(f"{mode:6} {ours:13.3f} {base:15.3f} {ours / base:6.3f} {peak:8.1f}")
-        del model, opt, params
     if device.type == "cpu":
         print("(no GPU here: run with --wan14b on a GPU for the real model's s/step and memory)")
 

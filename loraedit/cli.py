@@ -22,7 +22,7 @@ from pathlib import Path
 from loraedit import __version__, masks, method
 from loraedit.errors import InputError
 from loraedit.files import read_json, sha256_file, write_json
-from loraedit.video import read_image
+from loraedit.video import fit_edited, read_image
 
 log = logging.getLogger("loraedit")
 
@@ -254,7 +254,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_render(args, out_name: str | None = None) -> int:
-    from loraedit import encode, manifest, prepare, render
+    from loraedit import encode, manifest, render
     from loraedit.models import resolve_device
 
     _check_numbers(args)
@@ -266,7 +266,7 @@ def cmd_render(args, out_name: str | None = None) -> int:
     if args.first_frame and saved.get("first_frame") != args.first_frame:
         # another edited first frame: same frames and regions, new condition and image embedding
         plan = prepared["plan"]
-        prepared["first"] = prepare.fit_edited(read_image(args.first_frame), plan["width"], plan["height"],
+        prepared["first"] = fit_edited(read_image(args.first_frame), plan["width"], plan["height"],
                                                plan["source_width"], plan["source_height"], args.first_frame)
         prepared["plan"] = dict(plan, first_frame_sha256=sha256_file(args.first_frame))
         cache_file = run_dir / "cache" / f"encoded-{prepared['plan']['first_frame_sha256'][:12]}.safetensors"
@@ -279,11 +279,19 @@ def cmd_render(args, out_name: str | None = None) -> int:
 
 
 def cmd_edit(args) -> int:
+    from loraedit import render
+
     cmd_prepare(args)
     cmd_train(args)
-    # a rerun of an interrupted edit finishes render/; one of a finished edit renders beside it
-    first = Path(args.out) / "render"
-    return cmd_render(args, out_name=None if (first / "edited.mp4").is_file() else "render")
+    # a rerun of an interrupted edit finishes render/; a rerun of a finished one with the same
+    # settings has nothing left to do; with other render settings it renders beside the first
+    run_dir, prepared = _prepared(args)
+    for done in sorted(run_dir.glob("render*/settings.json")):
+        if read_json(done) == render.render_settings(args, run_dir, prepared):
+            log.info("already rendered with these settings: %s", done.parent / "edited.mp4")
+            return 0
+    first = run_dir / "render"
+    return cmd_render(args, out_name=None if (first / "settings.json").is_file() else "render")
 
 
 def _quiet_libraries() -> None:

@@ -18,7 +18,7 @@ import numpy as np
 from loraedit import masks, method
 from loraedit.errors import InputError
 from loraedit.files import read_json, write_json
-from loraedit.video import default_size, fit_to_size, frame_indices, parse_size, probe_video, read_image, read_video_frames, write_png
+from loraedit.video import default_size, fit_edited, fit_to_size, frame_indices, parse_size, probe_video, read_image, read_video_frames, write_png
 
 log = logging.getLogger("loraedit")
 
@@ -39,19 +39,6 @@ def parse_refs(items: list[str] | None, frames: int) -> dict[int, str]:
     return refs
 
 
-def fit_edited(img: np.ndarray, width: int, height: int, src_w: int, src_h: int, path: str) -> np.ndarray:
-    """An edited frame of another size is fine when its aspect matches the source's."""
-    h, w = img.shape[:2]
-    if (w, h) == (width, height):
-        return img  # already at the working size (e.g. edited from prepare/source/000.png)
-    if (w, h) != (src_w, src_h):
-        if abs(w / h - src_w / src_h) > 0.02 * (src_w / src_h):
-            raise InputError(f"{path}: is {w}x{h}, a different aspect ratio from the video's {src_w}x{src_h}; crop or pad it to the video's aspect")
-        log.warning("%s: is %dx%d, the video %dx%d; resizing it to match", path, w, h, src_w, src_h)
-        img = fit_to_size(img, src_w, src_h)
-    return fit_to_size(img, width, height)
-
-
 def run(args, run_dir: Path) -> dict:
     """Write prepare/ for `args`; returns the plan."""
     if not method.is_valid_frame_count(args.frames):
@@ -60,7 +47,7 @@ def run(args, run_dir: Path) -> dict:
         raise InputError("--video and --first-frame are required (the source clip and its edited first frame)")
     info = probe_video(args.video)
     width, height = parse_size(args.size) if args.size else default_size(info.width, info.height)
-    indices = frame_indices(info.n_frames, args.frames, args.start, args.stride, path=args.video)
+    indices = frame_indices(info.n_frames, args.frames, args.start, args.stride, path=args.video, times=info.times)
     frames = np.stack([fit_to_size(f, width, height) for f in read_video_frames(args.video, indices)])
     first = fit_edited(read_image(args.first_frame), width, height, info.width, info.height, args.first_frame)
     if np.abs(first.astype(np.int16) - frames[0].astype(np.int16)).mean() < 0.5:
@@ -69,8 +56,6 @@ def run(args, run_dir: Path) -> dict:
     regions = masks.edit_regions(frames, first, masks.mask_options_from_args(args), indices, info.n_frames)
     if regions.shape != frames.shape[:3]:
         raise RuntimeError(f"edit region shape {regions.shape} does not match frames {frames.shape[:3]}")
-    if regions.mean() > 0.9:
-        log.warning("the edit region covers %.0f%% of the frames: the method keeps only what lies outside it", 100 * regions.mean())
 
     out = run_dir / "prepare"
     for i, (f, r) in enumerate(zip(frames, regions)):

@@ -18,6 +18,7 @@ import torch
 
 from loraedit import method
 from loraedit.models import memory_mode, load_scheduler, load_trained_lora, load_transformer, load_vae, peak_memory_gb, release_memory
+from loraedit.files import write_json
 from loraedit.video import write_png, write_video
 
 log = logging.getLogger("loraedit")
@@ -44,11 +45,35 @@ def composite(source: np.ndarray, edited: np.ndarray, region: np.ndarray, feathe
     return out
 
 
-def contact_sheet(rows: list[np.ndarray], n: int = 6, label_h: int = 0) -> np.ndarray:
-    """Each row: (F, H, W, 3); picks n evenly spaced frames and tiles them."""
-    F = rows[0].shape[0]
+def contact_sheet(rows: list[np.ndarray], n: int = 6, tile_width: int = 320) -> np.ndarray:
+    """Rows of (F, H, W, 3) frames → one image: n evenly spaced frames per row, labelled by index."""
+    F, H, W = rows[0].shape[:3]
     pick = np.linspace(0, F - 1, min(n, F)).round().astype(int)
-    return np.concatenate([np.concatenate([r[i] for i in pick], axis=1) for r in rows], axis=0)
+    tw = min(W, tile_width)
+    th = round(H * tw / W)
+    tiles = []
+    for row in rows:
+        line = []
+        for i in pick:
+            tile = cv2.resize(row[i], (tw, th), interpolation=cv2.INTER_AREA) if tw != W else row[i].copy()
+            if th >= 48:
+                cv2.putText(tile, str(i), (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 2, cv2.LINE_AA)
+                cv2.putText(tile, str(i), (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+            line.append(tile)
+        tiles.append(np.concatenate(line, axis=1))
+    return np.concatenate(tiles, axis=0)
+
+
+def render_settings(args, run_dir: Path, prepared: dict) -> dict:
+    """Everything a render's result depends on (its trained LoRA included)."""
+    from loraedit.files import sha256_file
+
+    lora = run_dir / "lora" / "pytorch_lora_weights.safetensors"
+    return {"seed": args.seed, "render_steps": args.render_steps, "shift": args.shift, "guidance": args.guidance,
+            "composite": args.composite, "feather": args.feather, "prompt": args.prompt,
+            "negative_prompt": args.negative_prompt, "memory": args.memory,
+            "first_frame": prepared["plan"].get("first_frame_sha256", "prepared"),
+            "lora": sha256_file(lora) if lora.is_file() else None}
 
 
 def output_dir(run_dir: Path, name: str | None) -> Path:
@@ -107,5 +132,6 @@ def run(args, run_dir: Path, prepared: dict, cache: dict[str, torch.Tensor], dev
     write_video(out_dir / "edited.mp4", frames, fps, audio_from=audio)
     write_video(out_dir / "side_by_side.mp4", np.concatenate([source, frames], axis=2), fps)
     write_png(out_dir / "contact_sheet.png", contact_sheet([source, frames]))
+    write_json(out_dir / "settings.json", render_settings(args, run_dir, prepared))  # last: marks it complete
     return {"seconds": time.perf_counter() - t0, "peak_memory_gb": peak, "dir": str(out_dir), "seed": args.seed,
             "steps": args.render_steps, "guidance": args.guidance, "shift": args.shift}

@@ -6,6 +6,7 @@ Intermediates are written losslessly (PNG, FFV1); only final results are H.264.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -32,6 +33,22 @@ class VideoInfo:
     n_frames: int
     rotation: int  # degrees, as stored in the file's display matrix
     has_audio: bool
+    # presentation time (seconds) of every frame in display order, from the container; empty when
+    # the file does not say. Used to pick frames evenly in time from a variable-frame-rate video.
+    times: tuple[float, ...] = ()
+
+    @property
+    def variable_rate(self) -> bool:
+        """True when frame intervals differ by more than 10% from their median."""
+        return _variable(self.times)
+
+
+def _variable(times) -> bool:
+    if len(times) < 3:
+        return False
+    d = np.diff(np.asarray(times, np.float64))
+    med = float(np.median(d))
+    return med > 0 and bool(np.any(np.abs(d - med) > 0.1 * med))
 
 
 def _open(path: str | Path):
@@ -71,15 +88,17 @@ def probe_video(path: str | Path) -> VideoInfo:
     with _open(path) as container:
         stream = container.streams.video[0]
         n = 0
+        pts: list[float | None] = []
         try:
             for packet in container.demux(stream):
                 if packet.size:
                     n += 1
+                    pts.append(float(packet.pts * stream.time_base) if packet.pts is not None and stream.time_base else None)
         except av.error.FFmpegError:
             pass  # a truncated file: keep what could be read
-        container.seek(0)
         first = None
         try:
+            container.seek(0)
             first = next(container.decode(stream))
         except (StopIteration, av.error.FFmpegError):
             pass
@@ -90,11 +109,20 @@ def probe_video(path: str | Path) -> VideoInfo:
         if rotation in (90, 270):
             w, h = h, w
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
-        return VideoInfo(str(path), w, h, float(rate), n, rotation, bool(container.streams.audio))
+        times = tuple(sorted(pts)) if pts and None not in pts and len(set(pts)) == len(pts) else ()
+        if times:
+            times = tuple(t - times[0] for t in times)
+        return VideoInfo(str(path), w, h, float(rate), n, rotation, bool(container.streams.audio), times)
 
 
-def frame_indices(n_total: int, frames: int, start: int = 0, stride: int | None = None, path: str = "video") -> list[int]:
-    """Which source frames to use: `frames` of them from `start`, every `stride`-th, or spread evenly."""
+def frame_indices(n_total: int, frames: int, start: int = 0, stride: int | None = None, path: str = "video",
+                  times: tuple[float, ...] | None = None) -> list[int]:
+    """Which source frames to use: `frames` of them from `start`, every `stride`-th, or spread evenly.
+
+    `times` (VideoInfo.times): for a variable-frame-rate video, spread evenly in time rather than by
+    frame number, so it is sampled at a steady pace (the nearest frame to each instant). A
+    constant-rate video gets exactly the same frames with or without `times`.
+    """
     if start < 0 or start >= n_total:
         raise InputError(f"{path}: --start {start} is outside the clip's {n_total} frames")
     available = n_total - start
@@ -103,6 +131,8 @@ def frame_indices(n_total: int, frames: int, start: int = 0, stride: int | None 
             raise InputError(f"{path}: has {available} frames from --start {start}, fewer than --frames {frames}; ask for fewer frames")
         if frames == 1:
             return [start]
+        if times and len(times) == n_total and _variable(times):
+            return _by_timestamp(np.asarray(times[start:], np.float64), frames, start)
         step = (available - 1) / (frames - 1)
         return [start + round(i * step) for i in range(frames)]
     if stride < 1:
@@ -111,6 +141,20 @@ def frame_indices(n_total: int, frames: int, start: int = 0, stride: int | None 
     if last >= n_total:
         raise InputError(f"{path}: has {n_total} frames, too few for --frames {frames} with --stride {stride} from --start {start}; lower --frames or --stride")
     return list(range(start, last + 1, stride))
+
+
+def _by_timestamp(t: np.ndarray, frames: int, start: int) -> list[int]:
+    """The frame nearest each of `frames` evenly spaced instants over t, all distinct, in order."""
+    targets = np.linspace(t[0], t[-1], frames)
+    picked: list[int] = []
+    for k, target in enumerate(targets):
+        lo = picked[-1] + 1 if picked else 0
+        hi = len(t) - (frames - k)  # leave room for the frames still to pick
+        j = int(np.clip(np.searchsorted(t, target), lo, hi))
+        if j > lo and abs(t[j - 1] - target) <= abs(t[j] - target):
+            j -= 1
+        picked.append(j)
+    return [start + j for j in picked]
 
 
 def read_video_frames(path: str | Path, indices: list[int]) -> np.ndarray:
@@ -192,6 +236,21 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: cannot be read as an image ({exc.__class__.__name__}); save it as PNG") from None
 
 
+def fit_edited(img: np.ndarray, width: int, height: int, src_w: int, src_h: int, path: str) -> np.ndarray:
+    """An edited frame → the working size. One already at the working size is used as it is;
+    another size than the source's is fine (resized, with a warning) when its aspect matches
+    within 2%; another aspect is an InputError. (The same rule as prepare.fit_edited.)"""
+    h, w = img.shape[:2]
+    if (w, h) == (width, height):
+        return img  # already at the working size (e.g. edited from a frame of `loraedit masks` or prepare)
+    if (w, h) != (src_w, src_h):
+        if abs(w / h - src_w / src_h) > 0.02 * (src_w / src_h):
+            raise InputError(f"{path}: is {w}x{h}, a different aspect ratio from the video's {src_w}x{src_h}; crop or pad it to the video's aspect")
+        logging.getLogger("loraedit").warning("%s: is %dx%d, the video %dx%d; resizing it to match", path, w, h, src_w, src_h)
+        img = fit_to_size(img, src_w, src_h)
+    return fit_to_size(img, width, height)
+
+
 def read_gray(path: str | Path) -> np.ndarray:
     """An image as (H, W) uint8 luminance (for masks)."""
     rgb = read_image(path)
@@ -214,7 +273,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, lossless: bool
         with av.open(str(tmp), mode="w") as out:
             if lossless:
                 stream = out.add_stream("ffv1", rate=rate)
-                stream.pix_fmt = "rgb24" if frames.ndim == 4 else "gray"
+                stream.pix_fmt = "bgr0" if frames.ndim == 4 else "gray"  # FFV1 takes no rgb24; bgr0 is lossless RGB
             else:
                 stream = out.add_stream("libx264", rate=rate)
                 stream.pix_fmt = "yuv420p"

@@ -71,6 +71,15 @@ def test_saved_lora_loads_into_the_diffusers_pipeline_in_both_formats_identicall
     assert not any("k_img" in k for k in keys)
 
 
+def test_rerunning_a_finished_edit_does_no_work(trained_run, tiny_model, clip, caplog):
+    argv = edit_argv(tiny_model, clip, trained_run, "--ref", f"8={clip['ref']}", "--ref-steps", "2", "--lr", "5e-3",
+                     "--prompt", "a blue square")
+    before = sorted(p.name for p in trained_run.iterdir())
+    assert main(argv) == 0
+    assert "already rendered" in caplog.text
+    assert sorted(p.name for p in trained_run.iterdir()) == before
+
+
 def test_render_again_with_another_seed_keeps_the_first_result(trained_run, tiny_model):
     before = (trained_run / "render" / "frames" / "008.png").read_bytes()
     done = (trained_run / "train" / "done.json").read_text()

@@ -7,7 +7,7 @@ import pytest
 
 from loraedit import prepare
 from loraedit.errors import InputError
-from loraedit.video import frame_indices, read_image, write_png
+from loraedit.video import fit_edited, frame_indices, read_image
 
 
 def _args(clip, out, **kw):
@@ -48,11 +48,11 @@ def test_prepare_writes_lossless_frames_regions_and_plan(clip, tmp_path):
 
 def test_an_edited_frame_at_the_working_size_or_the_source_aspect_is_accepted(clip, tmp_path):
     src = read_image(clip["first_frame"])  # 96x64: the source size and the working size here
-    assert prepare.fit_edited(src, 96, 64, 96, 64, "x").shape == (64, 96, 3)
+    assert fit_edited(src, 96, 64, 96, 64, "x").shape == (64, 96, 3)
     big = np.repeat(np.repeat(src, 2, axis=0), 2, axis=1)  # 192x128, same aspect
-    assert prepare.fit_edited(big, 96, 64, 96, 64, "x").shape == (64, 96, 3)
+    assert fit_edited(big, 96, 64, 96, 64, "x").shape == (64, 96, 3)
     with pytest.raises(InputError, match="different aspect ratio"):
-        prepare.fit_edited(np.zeros((100, 100, 3), np.uint8), 96, 64, 96, 64, "x.png")
+        fit_edited(np.zeros((100, 100, 3), np.uint8), 96, 64, 96, 64, "x.png")
 
 
 def test_reference_index_must_lie_inside_the_clip(clip):

