@@ -28,7 +28,7 @@ TOY_MODEL = Path(__file__).resolve().parent / "toymodel"
 # The demo's settings (chosen on the toy model; see docs/toy.md). The engine's defaults are the
 # paper's (lr 1e-4, 100 + 100 steps, CFG 5, 30 render steps), tuned for a 14B model.
 DEMO_SEED = 3
-DEMO = dict(frames=17, size="128x128", steps=150, ref_steps=50, lr=1e-3, rank=16, render_steps=20, guidance=1.0,
+DEMO = dict(frames=17, size="128x128", steps=150, ref_steps=50, lr=1e-4, rank=16, render_steps=20, guidance=1.0,
             shift=5.0)
 
 log = logging.getLogger("loraedit")

@@ -160,11 +160,12 @@ def refine_decoder(vae, args, history: dict) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(p, args.dec_lr, warmup=0.0)
         batch = []
-        for _ in range(args.vae_batch):
+        for _ in range(args.dec_batch):
             clip = pool[rng.integers(len(pool))]
-            f0 = rng.integers(0, clip.shape[0] - 5 + 1)
+            n = args.dec_frames
+            f0 = rng.integers(0, clip.shape[0] - n + 1)
             y0, x0 = rng.integers(0, clip.shape[1] - c + 1), rng.integers(0, clip.shape[2] - c + 1)
-            batch.append(to_tensor(np.ascontiguousarray(clip[f0:f0 + 5, y0:y0 + c, x0:x0 + c])))
+            batch.append(to_tensor(np.ascontiguousarray(clip[f0:f0 + n, y0:y0 + c, x0:x0 + c])))
         x = torch.stack(batch)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mode()
@@ -332,6 +333,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dec-steps", type=int, default=600)
     ap.add_argument("--dec-minutes", type=float, default=None)
     ap.add_argument("--dec-lr", type=float, default=2e-4)
+    ap.add_argument("--dec-frames", type=int, default=17,
+                    help="clip length for the decoder refinement: 17 so the causal decoder learns its later chunks "
+                         "(phase 1 sees 5 frames only, and the shipped VAE's encoder was trained that way)")
+    ap.add_argument("--dec-batch", type=int, default=2)
     ap.add_argument("--refine-decoder-of", metavar="FOLDER",
                     help="only run phase 4 on an already trained model folder (rewrites its vae/ and training.json)")
     args = ap.parse_args(argv)
