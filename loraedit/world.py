@@ -356,27 +356,6 @@ def make_clip(seed: int, frames: int = 17, width: int = 128, height: int = 128, 
     return Scene(seed, width=width, height=height, frames=frames, **kwargs).clip()
 
 
-def write_lossless_video(path: str | Path, frames: np.ndarray, fps: float) -> None:
-    """RGB frames → lossless H.264 (libx264rgb, qp 0) in .mkv, read back bit-exactly by PyAV."""
-    from fractions import Fraction
-
-    import av
-
-    from loraedit.files import atomic_output
-
-    with atomic_output(path) as tmp:
-        with av.open(str(tmp), mode="w") as out:
-            stream = out.add_stream("libx264rgb", rate=Fraction(fps).limit_denominator(1001))
-            stream.pix_fmt = "rgb24"
-            stream.options = {"qp": "0", "preset": "veryfast"}
-            stream.height, stream.width = frames.shape[1], frames.shape[2]
-            for img in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
-                    out.mux(packet)
-            for packet in stream.encode():
-                out.mux(packet)
-
-
 def write_clip(clip: WorldClip, folder: str | Path) -> dict[str, Path]:
     """Write a clip as the files a person would hand to `loraedit edit`.
 
@@ -397,8 +376,8 @@ def write_clip(clip: WorldClip, folder: str | Path) -> dict[str, Path]:
     }
     write_video(paths["source"], clip.source, clip.fps)
     write_video(paths["truth"], clip.truth, clip.fps)
-    write_lossless_video(paths["source_lossless"], clip.source, clip.fps)
-    write_lossless_video(paths["truth_lossless"], clip.truth, clip.fps)
+    write_video(paths["source_lossless"], clip.source, clip.fps, lossless=True)
+    write_video(paths["truth_lossless"], clip.truth, clip.fps, lossless=True)
     write_png(paths["first_frame"], clip.truth[0])
     write_png(paths["reference"], clip.truth[clip.reference_frame])
     for i, r in enumerate(clip.region):

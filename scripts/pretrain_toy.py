@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -90,7 +89,6 @@ def lr_at(p: float, base: float, warmup: float = 0.03) -> float:
 
 def train_vae(vae, args, history: dict) -> None:
     rng = np.random.default_rng(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
     pool_seeds = [TRAIN_SEED_BASE + i for i in range(args.vae_clips)]
     log(f"VAE: rendering {len(pool_seeds)} clips")
     pool = [make_clip(s).source for s in pool_seeds]
