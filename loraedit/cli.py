@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from loraedit import __version__, masks, method
 from loraedit.errors import InputError
 from loraedit.files import read_json, sha256_file, write_json
@@ -263,14 +265,17 @@ def cmd_render(args, out_name: str | None = None) -> int:
     device = resolve_device(args.device)
     saved = read_json(run_dir / "job.json")
     cache_file = run_dir / "cache" / "encoded.safetensors"
+    reuse = None
     if args.first_frame and saved.get("first_frame") != args.first_frame:
         # another edited first frame: same frames and regions, new condition and image embedding
         plan = prepared["plan"]
         prepared["first"] = fit_edited(read_image(args.first_frame), plan["width"], plan["height"],
                                                plan["source_width"], plan["source_height"], args.first_frame)
         prepared["plan"] = dict(plan, first_frame_sha256=sha256_file(args.first_frame))
+        if cache_file.is_file():
+            reuse = load_file(str(cache_file))
         cache_file = run_dir / "cache" / f"encoded-{prepared['plan']['first_frame_sha256'][:12]}.safetensors"
-    cache = encode.run(args, cache_file, prepared, device)
+    cache = encode.run(args, cache_file, prepared, device, reuse=reuse)
     out_dir = render.output_dir(run_dir, out_name or getattr(args, "name", None))
     figures = render.run(args, run_dir, prepared, cache, device, out_dir, progress=not args.quiet)
     manifest.update(run_dir, out_dir.name, figures, job_settings(args))

@@ -41,16 +41,15 @@ def encode_video(vae, video: torch.Tensor) -> torch.Tensor:
     return method.normalize_latents(z, torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std))
 
 
-def conditions(vae, source: torch.Tensor, first: torch.Tensor, region: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training condition, render condition), each (1, 20, T, h, w), for `mode`."""
+def condition_videos(source: torch.Tensor, first: torch.Tensor, region: torch.Tensor, mode: str):
+    """(training condition video, render condition video, keep mask (F, h, w)) for `mode`."""
     if mode == "naive":
         train_video, keep = method.stock_plan(source[0], source.shape[0])
         render_video, _ = method.stock_plan(first, source.shape[0])
     else:
         train_video, keep = method.edit_plan(source, region)
         render_video = method.with_first_frame(train_video, first)
-    return (method.condition_tensor(encode_video(vae, train_video), keep),
-            method.condition_tensor(encode_video(vae, render_video), keep))
+    return train_video, render_video, keep
 
 
 def cache_key(plan: dict, args) -> str:
@@ -66,29 +65,45 @@ def cached(path: Path, key: str) -> bool:
         return (f.metadata() or {}).get("key") == key
 
 
-def run(args, path: Path, prepared: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    """Encode everything for `prepared` into `path`, or read it back if it is already there."""
+# what does not depend on the edited first frame (or the prompt), so a re-render with another
+# first frame can take it from the run's main cache
+FIRST_FRAME_FREE = ("x0", "cond_train", "image_train")
+
+
+def run(args, path: Path, prepared: dict, device: torch.device, reuse: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Encode everything for `prepared` into `path`, or read it back if it is already there.
+
+    reuse: an existing cache of the same frames and regions; its first-frame-free entries are
+    copied rather than encoded again (a re-render with another edited first frame).
+    """
     key = cache_key(prepared["plan"], args)
     if cached(path, key):
         return load_file(str(path))
+    out = {k: v for k, v in (reuse or {}).items() if k in FIRST_FRAME_FREE or k.startswith("ref.")}
     pipe = load_encoders(args.model, device)
-    out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         text, negative = pipe.encode_prompt(args.prompt, args.negative_prompt, do_classifier_free_guidance=True,
                                             max_sequence_length=512, device=device)
         out["text"], out["negative_text"] = text.float().cpu(), negative.float().cpu()
         if pipe.image_encoder is not None:
-            out["image_train"] = pipe.encode_image(Image.fromarray(prepared["source"][0]), device).float().cpu()
+            if "image_train" not in out:
+                out["image_train"] = pipe.encode_image(Image.fromarray(prepared["source"][0]), device).float().cpu()
             out["image_render"] = pipe.encode_image(Image.fromarray(prepared["first"]), device).float().cpu()
         source = to_video_tensor(prepared["source"])
         first = to_video_tensor(prepared["first"][None])[0]
         region = torch.from_numpy(prepared["region"])
-        out["x0"] = encode_video(pipe.vae, source).cpu()
-        out["cond_train"], out["cond_render"] = (c.cpu() for c in conditions(pipe.vae, source, first, region, args.mode))
+        train_video, render_video, keep = condition_videos(source, first, region, args.mode)
+        if "x0" not in out:
+            out["x0"] = encode_video(pipe.vae, source).cpu()
+        if "cond_train" not in out:
+            out["cond_train"] = method.condition_tensor(encode_video(pipe.vae, train_video), keep).cpu()
+        out["cond_render"] = method.condition_tensor(encode_video(pipe.vae, render_video), keep).cpu()
         for k, ref in prepared["refs"].items():
-            cond, keep = method.edit_plan(source[k : k + 1], region[k : k + 1], keep_first=False)
+            if f"ref.{k}.x0" in out:
+                continue
+            cond, ref_keep = method.edit_plan(source[k : k + 1], region[k : k + 1], keep_first=False)
             out[f"ref.{k}.x0"] = encode_video(pipe.vae, to_video_tensor(ref[None])).cpu()
-            out[f"ref.{k}.cond"] = method.condition_tensor(encode_video(pipe.vae, cond), keep).cpu()
+            out[f"ref.{k}.cond"] = method.condition_tensor(encode_video(pipe.vae, cond), ref_keep).cpu()
     del pipe
     release_memory()
     with atomic_output(path) as tmp:

@@ -107,6 +107,8 @@ def test_render_with_another_first_frame(trained_run, clip, tmp_path):
     assert (green["cond_render"][:, 4:, 0] - first["cond_render"][:, 4:, 0]).abs().max() > 1e-3
     assert torch.equal(green["cond_render"][:, :4], first["cond_render"][:, :4])
     assert not torch.equal(green["image_render"], first["image_render"])
+    for key in ("x0", "cond_train", "image_train", "ref.8.x0", "ref.8.cond"):  # reused, not re-encoded
+        assert torch.equal(green[key], first[key]), key
     a = read_image(trained_run / "render" / "frames" / "000.png").astype(int)
     b = read_image(trained_run / "green" / "frames" / "000.png").astype(int)
     assert np.abs(a - b).max() > 0
