@@ -127,12 +127,14 @@ def test_naive_mode_conditions_on_the_first_frame_only(tiny_model, clip, tmp_pat
 
 
 def test_toml_job_file_with_flags_overriding_it(tiny_model, clip, tmp_path):
-    job = tmp_path / "job.toml"
+    job = clip["ref"].parent / "job.toml"
     job.write_text(f'model = "{tiny_model}"\nvideo = "{clip["video"]}"\nfirst-frame = "{clip["first_frame"]}"\n'
-                   f'mask = "{clip["mask"]}"\nframes = 17\nsize = "96x64"\nsteps = 3\nrank = 4\n')
+                   f'mask = "{clip["mask"]}"\nframes = 17\nsize = "96x64"\nsteps = 3\nrank = 4\n'
+                   f'[ref]\n8 = "{clip["ref"].name}"\n')  # relative to the job file
     assert main(["prepare", "--config", str(job), "--out", str(tmp_path / "run"), "--rank", "2"]) == 0
     saved = json.loads((tmp_path / "run" / "job.json").read_text())
     assert saved["steps"] == 3 and saved["rank"] == 2 and saved["frames"] == 17
+    assert saved["ref"] == [f"8={clip['ref']}"] and (tmp_path / "run" / "prepare" / "refs" / "008.png").is_file()
     (tmp_path / "bad.toml").write_text("stepz = 3\n")
     assert main(["prepare", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "x")]) == 2
 
