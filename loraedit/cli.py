@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from loraedit import __version__, masks, method
 from loraedit.errors import InputError
 from loraedit.files import read_json, sha256_file, write_json
+from loraedit.models import DEFAULT_LORA_TARGETS
 from loraedit.video import fit_edited, read_image
 
 log = logging.getLogger("loraedit")
@@ -60,7 +61,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ref-video-every", dest="ref_video_every", type=int, default=10, help="stage 2: every N-th step trains on the video (default 10)")
     g.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    g.add_argument("--lora-targets", dest="lora_targets", default=None, help="regex of the layers to adapt (default: every linear layer of each block but the image k/v)")
+    g.add_argument("--lora-targets", dest="lora_targets", default=DEFAULT_LORA_TARGETS,
+                   help="regex of the layers to adapt (default: every linear layer of each block but the image k/v)")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=0.01)
     g.add_argument("--grad-clip", dest="grad_clip", type=float, default=1.0)
@@ -148,12 +150,14 @@ def _load_toml(path: str) -> dict:
     if isinstance(out.get("ref"), dict):
         out["ref"] = [f"{k}={v}" for k, v in out["ref"].items()]
     # relative paths in a job file are relative to the file, not to where loraedit is run
+    def beside_file(path: str) -> str:
+        return str(p.parent / path) if not Path(path).is_absolute() and (p.parent / path).exists() else path
+
     for key in PATH_KEYS:
-        if isinstance(out.get(key), str) and not Path(out[key]).is_absolute() and (p.parent / out[key]).exists():
-            out[key] = str(p.parent / out[key])
+        if isinstance(out.get(key), str):
+            out[key] = beside_file(out[key])
     if "ref" in out:
-        out["ref"] = [r if Path(r.partition("=")[2]).is_absolute() or not (p.parent / r.partition("=")[2]).exists()
-                      else f"{r.partition('=')[0]}={p.parent / r.partition('=')[2]}" for r in out["ref"]]
+        out["ref"] = [f"{k}={beside_file(path)}" for k, _, path in (r.partition("=") for r in out["ref"])]
     return out
 
 
@@ -179,10 +183,6 @@ def resolve_settings(argv: list[str]) -> argparse.Namespace:
             settings[key] = os.path.abspath(settings[key])
     if settings.get("ref"):
         settings["ref"] = [f"{k}={os.path.abspath(p) if Path(p).exists() else p}" for k, _, p in (r.partition("=") for r in settings["ref"])]
-    if settings.get("lora_targets") is None and "lora_targets" in settings:
-        from loraedit.models import DEFAULT_LORA_TARGETS
-
-        settings["lora_targets"] = DEFAULT_LORA_TARGETS
     return argparse.Namespace(**settings)
 
 
