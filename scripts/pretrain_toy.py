@@ -4,7 +4,7 @@
     python scripts/pretrain_toy.py --seed 0 --out loraedit/toymodel
 
 Same classes and folder layout as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers (see loraedit/tiny.py for the
-text/image encoders); only the sizes differ. Two phases, both on the CPU:
+text/image encoders); only the sizes differ. Four phases, all on the CPU:
 
 1. VAE (AutoencoderKLWan, real 4x temporal / 8x spatial factors, 16 latent channels): reconstruction
    (L1 + MSE of the decoded distribution mode, weighted up on the main object, a small L2 on the
