@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from loraedit import cli
     from loraedit.demo import DEMO, TOY_MODEL, edit_argv, format_metrics, read_frames
-    from loraedit.world import clip_metrics, make_clip, write_clip
+    from loraedit.world import clip_metrics, make_clip, through_vae, write_clip
 
     steps = DEMO["steps"] if args.steps is None else args.steps
     ref_steps = DEMO["ref_steps"] if args.ref_steps is None else args.ref_steps
@@ -146,11 +146,7 @@ def main(argv=None) -> int:
         vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae").eval()
         for seed in SEEDS[:args.clips]:
             clip = make_clip(seed)
-            x = torch.from_numpy(clip.truth).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-            with torch.no_grad():
-                rec = vae.decode(vae.encode(x).latent_dist.mode()).sample[0]
-            rec = ((rec.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-            ceiling[seed] = clip_metrics(rec, clip)
+            ceiling[seed] = clip_metrics(through_vae(vae, clip.truth), clip)
         results = {"(truth through the VAE)": ceiling, **results}
         names = ["(truth through the VAE)", *names]
     means = {n: {k: nanmean([r[k] for r in results[n].values()]) for k in KEYS} for n in names}

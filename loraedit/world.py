@@ -400,6 +400,17 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float
     return 99.0 if mse < 1e-10 else 10 * math.log10(255.0 ** 2 / mse)
 
 
+def through_vae(vae, video: np.ndarray) -> np.ndarray:
+    """A video (F, H, W, 3) uint8 encoded (distribution mode) and decoded by a Wan VAE, as uint8: what
+    the model can reproduce at best, the ceiling for any result that comes out of its decoder."""
+    import torch
+
+    x = torch.from_numpy(video).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample[0]
+    return ((rec.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+
+
 def clip_metrics(result: np.ndarray, clip: WorldClip) -> dict[str, float]:
     """Compare a result video (F, H, W, 3) uint8 with the world's true edited video.
 

@@ -246,13 +246,11 @@ def encode_dataset(pipe, args, history: dict) -> dict:
 def vae_eval(vae, clips) -> dict:
     """The true edited video of held-out clips through the VAE, scored by the world's metrics: the
     ceiling any edit made with this model can reach (psnr_in / colour_err_in inside the object)."""
-    from loraedit.world import clip_metrics, psnr
+    from loraedit.world import clip_metrics, psnr, through_vae
 
     rows = []
     for clip in clips:
-        x = to_tensor(clip.truth)[None]
-        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-        rec = ((rec[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        rec = through_vae(vae, clip.truth)
         m = clip_metrics(rec, clip)
         rows.append({"psnr_all": psnr(rec, clip.truth), "psnr_in": m["psnr_in"], "colour_err_in": m["colour_err_in"],
                      "psnr_out": m["psnr_out"], "first_psnr": m["first_psnr"]})
