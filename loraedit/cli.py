@@ -34,7 +34,7 @@ PATH_KEYS = ("model", "video", "first_frame", "mask", "masks", "sam2_checkpoint"
 TRAINING_KEYS = ("model", "video", "first_frame", "frames", "size", "start", "stride", "mode", "prompt", "steps",
                  "ref_steps", "rank", "alpha", "lora_targets", "lr", "weight_decay", "grad_clip", "timesteps",
                  "train_shift", "ref_video_every", "seed", "memory")
-OPTIONAL_COMMANDS = ("loraedit.maskcli", "loraedit.demo")
+OPTIONAL_COMMANDS = ("loraedit.maskcli", "loraedit.demo", "loraedit.batch", "loraedit.evaluate")
 
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
