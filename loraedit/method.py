@@ -1,10 +1,15 @@
 """The method, as pure functions over tensors (no files, no CLI, no model loading).
 
 Conventions (see DESIGN.md §2):
-  B batch, F pixel frames (F = 4k+1), T = (F-1)/4 + 1 latent frames, H×W pixels, h×w = H/8 × W/8.
-  Pixel video: (B, 3, F, H, W) in [-1, 1].  Latents: (B, 16, T, h, w), normalised with the VAE's
+  B batch, F pixel frames (F = 4k+1), T = (F-1)/4 + 1 latent frames, H×W pixels, h×w = H/s × W/s
+  with s the VAE's spatial factor (`spatial`: 8 for Wan2.1/A14B, 16 for the Wan2.2 VAE) and 4 the
+  temporal one (`temporal`); the stages pass the model folder's factors (loraedit.family), the
+  defaults are the Wan2.1 VAE's. C latent channels (16, or 48 for the Wan2.2 VAE).
+  Pixel video: (B, 3, F, H, W) in [-1, 1].  Latents: (B, C, T, h, w), normalised with the VAE's
   latents_mean/std.  Keep mask: 1 = keep what the condition video shows, 0 = generate.
-  Condition (what the transformer gets after x_t): cat([M_cond (4), y (16)]) → (B, 20, T, h, w).
+  Condition of a mask-channel model (Wan2.1, Wan2.2-A14B; what the transformer gets after x_t):
+  cat([M_cond (4), y (C)]) → (B, 4+C, T, h, w).  Condition of Wan2.2-TI2V (expand_timesteps, no mask
+  channels): cat([keep (1), y (C)]) → (B, 1+C, T, h, w) at latent resolution (see the TI2V section).
   Flow matching: x_t = σ·ε + (1-σ)·x0, v = ε - x0, transformer timestep = σ·1000.
 """
 
@@ -15,8 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-TEMPORAL = 4  # pixel frames per latent frame (after the first)
-SPATIAL = 8  # pixels per latent pixel
+TEMPORAL = 4  # Wan VAEs' pixel frames per latent frame (after the first): the default of `temporal`
+SPATIAL = 8  # Wan2.1 VAE's pixels per latent pixel: the default of `spatial`; Wan2.2's is 16
 
 # Wan's default negative prompt (from the Wan2.1 repository's shared config)
 WAN_NEGATIVE_PROMPT = (
@@ -30,53 +35,54 @@ WAN_NEGATIVE_PROMPT = (
 # ---------------------------------------------------------------- masks and condition videos
 
 
-def latent_keep_mask(edit: torch.Tensor) -> torch.Tensor:
-    """(F, H, W) bool edit region (True = edit) → (F, h, w) float keep mask at latent resolution.
+def latent_keep_mask(edit: torch.Tensor, spatial: int = SPATIAL) -> torch.Tensor:
+    """(F, H, W) bool edit region (True = edit) → (F, H/spatial, W/spatial) float keep mask.
 
-    Rule for a latent pixel partly inside the region: it is *generated* (0) if any of its 8×8
-    pixels is in the region. The region can only grow by this, never shrink, so an edit is never
-    silently cut off at its border (and the paper finds looser masks no worse).
+    Rule for a latent pixel partly inside the region: it is *generated* (0) if any of its
+    spatial×spatial pixels is in the region. The region can only grow by this, never shrink, so an
+    edit is never silently cut off at its border (and the paper finds looser masks no worse).
     """
     Fr, H, W = edit.shape
-    touched = F.max_pool2d(edit.float().view(Fr, 1, H, W), kernel_size=SPATIAL, stride=SPATIAL)
-    return 1.0 - touched.view(Fr, H // SPATIAL, W // SPATIAL)
+    touched = F.max_pool2d(edit.float().view(Fr, 1, H, W), kernel_size=spatial, stride=spatial)
+    return 1.0 - touched.view(Fr, H // spatial, W // spatial)
 
 
-def pixel_keep_mask(keep_latent: torch.Tensor) -> torch.Tensor:
-    """(F, h, w) latent keep mask → (F, H, W), each latent pixel's value on its 8×8 pixels."""
-    return keep_latent.repeat_interleave(SPATIAL, dim=-2).repeat_interleave(SPATIAL, dim=-1)
+def pixel_keep_mask(keep_latent: torch.Tensor, spatial: int = SPATIAL) -> torch.Tensor:
+    """(F, h, w) latent keep mask → (F, H, W), each latent pixel's value on its spatial×spatial pixels."""
+    return keep_latent.repeat_interleave(spatial, dim=-2).repeat_interleave(spatial, dim=-1)
 
 
-def pack_keep_mask(keep: torch.Tensor) -> torch.Tensor:
-    """(B, 1, F, h, w) per-pixel-frame keep mask → M_cond (B, 4, T, h, w).
+def pack_keep_mask(keep: torch.Tensor, temporal: int = TEMPORAL) -> torch.Tensor:
+    """(B, 1, F, h, w) per-pixel-frame keep mask → M_cond (B, 4, T, h, w) (4 = `temporal`).
 
     Frame 0 is repeated 4 times so that every latent frame holds 4 pixel frames; latent frame j
     then carries pixel frames 4(j-1)+1 … 4j in channels 0…3 (frame 0 in all 4 channels of j=0).
     """
     B, _, Fr, h, w = keep.shape
-    if (Fr - 1) % TEMPORAL:
-        raise ValueError(f"frame count {Fr} is not 4k+1")
-    first = keep[:, :, :1].repeat_interleave(TEMPORAL, dim=2)
+    if (Fr - 1) % temporal:
+        raise ValueError(f"frame count {Fr} is not {temporal}k+1")
+    first = keep[:, :, :1].repeat_interleave(temporal, dim=2)
     frames = torch.cat([first, keep[:, :, 1:]], dim=2)  # (B, 1, 4T, h, w)
-    return frames.view(B, -1, TEMPORAL, h, w).transpose(1, 2)
+    return frames.view(B, -1, temporal, h, w).transpose(1, 2)
 
 
-def edit_plan(video: torch.Tensor, edit: torch.Tensor, keep_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def edit_plan(video: torch.Tensor, edit: torch.Tensor, keep_first: bool = True, spatial: int = SPATIAL) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask-aware condition (DESIGN §3): keep everything outside the edit region, generate inside.
 
     video: (F, 3, H, W) in [-1, 1]; edit: (F, H, W) bool (True = edit region).
     keep_first: frame 0 is kept whole (the video sample); False for a single reference frame.
-    Returns (condition video (F, 3, H, W), keep mask (F, h, w)); the condition video is zero
-    (mid-grey) exactly where the keep mask says generate, snapped to the 8×8 latent grid.
+    spatial: the keep mask's cell in pixels (the VAE's spatial factor; for TI2V one token).
+    Returns (condition video (F, 3, H, W), keep mask (F, H/spatial, W/spatial)); the condition
+    video is zero (mid-grey) exactly where the keep mask says generate, snapped to the grid.
     """
-    keep = latent_keep_mask(edit)
+    keep = latent_keep_mask(edit, spatial)
     if keep_first:
         keep[0] = 1.0
-    cond = video * pixel_keep_mask(keep).unsqueeze(1).to(video.dtype)
+    cond = video * pixel_keep_mask(keep, spatial).unsqueeze(1).to(video.dtype)
     return cond, keep
 
 
-def stock_plan(first_frame: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stock_plan(first_frame: torch.Tensor, frames: int, spatial: int = SPATIAL) -> tuple[torch.Tensor, torch.Tensor]:
     """Stock I2V condition (also the paper's naive baseline): keep frame 0, generate the rest.
 
     first_frame: (3, H, W) in [-1, 1] → (condition video (F, 3, H, W), keep mask (F, h, w)).
@@ -84,7 +90,7 @@ def stock_plan(first_frame: torch.Tensor, frames: int) -> tuple[torch.Tensor, to
     _, H, W = first_frame.shape
     cond = torch.zeros(frames, 3, H, W, dtype=first_frame.dtype)
     cond[0] = first_frame
-    keep = torch.zeros(frames, H // SPATIAL, W // SPATIAL)
+    keep = torch.zeros(frames, H // spatial, W // spatial)
     keep[0] = 1.0
     return cond, keep
 
@@ -96,14 +102,14 @@ def with_first_frame(cond: torch.Tensor, first_frame: torch.Tensor) -> torch.Ten
     return out
 
 
-def condition_tensor(y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """y (B, 16, T, h, w) normalised condition latents, keep (F, h, w) → (B, 20, T, h, w)."""
-    m = pack_keep_mask(keep[None, None].expand(y.shape[0], 1, *keep.shape)).to(y)
+def condition_tensor(y: torch.Tensor, keep: torch.Tensor, temporal: int = TEMPORAL) -> torch.Tensor:
+    """y (B, C, T, h, w) normalised condition latents, keep (F, h, w) → (B, 4+C, T, h, w)."""
+    m = pack_keep_mask(keep[None, None].expand(y.shape[0], 1, *keep.shape), temporal).to(y)
     return torch.cat([m, y], dim=1)
 
 
 def normalize_latents(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Raw VAE latents (B, 16, T, h, w) → model space: (z - mean) / std."""
+    """Raw VAE latents (B, C, T, h, w) → model space: (z - mean) / std."""
     return (z - mean.view(1, -1, 1, 1, 1).to(z)) / std.view(1, -1, 1, 1, 1).to(z)
 
 
@@ -133,18 +139,31 @@ def sample_sigma(n: int, mode: str, generator: torch.Generator, shift: float = 1
 
 
 def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x0, noise (B, 16, T, h, w), sigma (B,) → (x_t, target velocity v = ε - x0)."""
+    """x0, noise (B, C, T, h, w), sigma (B,) → (x_t, target velocity v = ε - x0)."""
     s = sigma.view(-1, 1, 1, 1, 1).to(x0)
     return s * noise + (1 - s) * x0, noise - x0
 
 
 def predict_velocity(transformer, x_t, condition, sigma_or_t, text, image=None, is_timestep=False):
-    """One transformer call on the 36-channel input. `sigma_or_t`: σ (B,) unless is_timestep."""
+    """One transformer call. `sigma_or_t`: σ (B,) or a scalar, unless is_timestep (then t = σ·1000).
+
+    A mask-channel condition (4+C channels) is concatenated after x_t (36-channel input); a TI2V
+    condition (1+C channels, see `is_token_condition`) replaces the kept tokens' latents and gives
+    them timestep 0, per token, as diffusers' expand_timesteps path does.
+    """
     dtype = transformer.dtype
     t = sigma_or_t if is_timestep else sigma_or_t * 1000.0
+    t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+    if is_token_condition(condition, x_t):
+        hidden = ti2v_model_input(x_t, condition)
+        patch = tuple(transformer.config.patch_size)
+        timestep = ti2v_timesteps(condition[:, :1], t, patch)
+    else:
+        hidden = torch.cat([x_t, condition], dim=1)
+        timestep = t
     return transformer(
-        hidden_states=torch.cat([x_t, condition], dim=1).to(dtype),
-        timestep=t.expand(x_t.shape[0]) if t.ndim == 0 else t,
+        hidden_states=hidden.to(dtype),
+        timestep=timestep,
         encoder_hidden_states=text.to(dtype),
         encoder_hidden_states_image=None if image is None else image.to(dtype),
         return_dict=False,
@@ -152,38 +171,124 @@ def predict_velocity(transformer, x_t, condition, sigma_or_t, text, image=None, 
 
 
 def velocity_loss(transformer, x0, condition, text, image, sigma, noise) -> torch.Tensor:
-    """The training objective: MSE between predicted and true velocity over the whole latent video."""
+    """The training objective: MSE between predicted and true velocity over the whole latent video.
+
+    With a TI2V condition the MSE is over the generated tokens only: a kept token's input is its
+    clean condition latent at timestep 0, its output is discarded by the sampler, and its target
+    ε - x0 cannot be predicted from what the model sees there (our choice; the paper's models all
+    have mask channels).
+    """
     x_t, v = noisy_latents(x0, noise, sigma)
     pred = predict_velocity(transformer, x_t, condition, sigma, text, image)
-    return F.mse_loss(pred.float(), v.float())
+    if not is_token_condition(condition, x0):
+        return F.mse_loss(pred.float(), v.float())
+    generate = 1.0 - condition[:, :1].float()  # (B, 1, T, h, w)
+    err = (pred.float() - v.float()).pow(2) * generate
+    return err.sum() / (generate.sum() * pred.shape[1]).clamp_min(1.0)
 
 
 # ---------------------------------------------------------------- sampling
 
+HIGH_NOISE, LOW_NOISE = "transformer", "transformer_2"  # diffusers' names of a two-expert model's denoisers
+
+
+def expert_at(t: torch.Tensor | float, boundary: float | None) -> str:
+    """diffusers' rule: the high-noise expert for t ≥ boundary (timestep units), the low-noise one below."""
+    return HIGH_NOISE if boundary is None or float(t) >= boundary else LOW_NOISE
+
 
 @torch.no_grad()
 def sample_latents(transformer, scheduler, noise, condition, text, negative_text, image, steps: int,
-                   guidance: float, on_step=None) -> torch.Tensor:
-    """Denoise `noise` (B, 16, T, h, w) to clean latents with classifier-free guidance.
+                   guidance: float, on_step=None, boundary: float | None = None, guidance_2: float | None = None) -> torch.Tensor:
+    """Denoise `noise` (B, C, T, h, w) to clean latents with classifier-free guidance.
 
     The same loop as diffusers' WanImageToVideoPipeline (so without a LoRA and with the stock
     condition it gives the same output), written out so the condition can be any mask.
+    transformer: the denoiser; for a two-expert model (`boundary` = boundary_ratio · 1000) a
+    function expert name → denoiser, called once each time the expert changes (timesteps only
+    decrease, so the high-noise expert is asked for first and the low-noise one once after it;
+    the caller frees the first when it loads the second). guidance_2: the low-noise expert's
+    scale (None = `guidance`, as diffusers); guidance is on for both when `guidance` > 1.
     """
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise
+    name, model = None, None
     for i, t in enumerate(scheduler.timesteps):
-        v = predict_velocity(transformer, x, condition, t, text, image, is_timestep=True)
+        if boundary is None:
+            model = transformer
+        elif expert_at(t, boundary) != name:
+            name = expert_at(t, boundary)
+            model = transformer(name)
+        scale = guidance if name != LOW_NOISE or guidance_2 is None else guidance_2
+        v = predict_velocity(model, x, condition, t, text, image, is_timestep=True)
         if guidance > 1.0:
-            v_uncond = predict_velocity(transformer, x, condition, t, negative_text, image, is_timestep=True)
-            v = v_uncond + guidance * (v - v_uncond)
+            v_uncond = predict_velocity(model, x, condition, t, negative_text, image, is_timestep=True)
+            v = v_uncond + scale * (v - v_uncond)
         x = scheduler.step(v, t, x, return_dict=False)[0]
         if on_step is not None:
             on_step(i)
+    if is_token_condition(condition, x):
+        x = ti2v_model_input(x, condition)  # the kept tokens are the condition's, as in diffusers
     return x
 
 
-def latent_frames(frames: int) -> int:
-    return (frames - 1) // TEMPORAL + 1
+# ---------------------------------------------------------------- Wan2.2-TI2V (expand_timesteps): no mask channels
+#
+# TI2V-5B keeps its first frame by replacing that frame's latents with the condition's and giving
+# its tokens timestep 0. LoRA-Edit's keep/generate instruction maps onto the same mechanism per
+# token: keep tokens take the condition latents and timestep 0, generate tokens are denoised.
+# A keep decision therefore has the granularity of one token: patch (2×2) latent pixels.
+
+
+def is_token_condition(condition: torch.Tensor, latents: torch.Tensor) -> bool:
+    """True for a TI2V condition (B, 1+C, T, h, w): a keep channel and C condition-latent channels
+    (a mask-channel condition has 4+C channels: the packed keep mask and the condition latents)."""
+    return condition.shape[1] == latents.shape[1] + 1
+
+
+def token_keep_mask(edit: torch.Tensor, spatial: int, temporal: int, patch: tuple[int, int, int]) -> torch.Tensor:
+    """(F, H, W) bool edit region → (T, h, w) keep mask per latent pixel, constant over each token.
+
+    A token (patch[1]×patch[2] latent pixels, i.e. spatial·patch pixels a side) is generated if any
+    of its pixels is in the region in any pixel frame its latent frame holds (frame 0 alone in
+    latent frame 0, frames 4(j-1)+1 … 4j in latent frame j): the region only grows.
+    """
+    Fr, H, W = edit.shape
+    cell = latent_keep_mask(edit, spatial * patch[1])  # (F, H/(s·p), W/(s·p))
+    keep = cell.repeat_interleave(patch[1], dim=-2).repeat_interleave(patch[2], dim=-1)  # (F, h, w)
+    h, w = keep.shape[-2:]
+    rest = keep[1:].reshape(-1, temporal, h, w).amin(dim=1)  # kept in every frame of the latent frame
+    return torch.cat([keep[:1], rest], dim=0)
+
+
+def ti2v_condition(y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """y (B, C, T, h, w) the latents kept tokens take, keep (T, h, w) → condition (B, 1+C, T, h, w)."""
+    return torch.cat([keep[None, None].expand(y.shape[0], 1, *keep.shape).to(y), y], dim=1)
+
+
+def ti2v_model_input(x_t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    """x_t (B, C, T, h, w) → the transformer's input: the condition latents on kept tokens, x_t elsewhere
+    (diffusers: (1 - first_frame_mask) · condition + first_frame_mask · latents)."""
+    keep, y = condition[:, :1].to(x_t), condition[:, 1:].to(x_t)
+    return keep * y + (1 - keep) * x_t
+
+
+def ti2v_timesteps(keep: torch.Tensor, t: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """keep (B, 1, T, h, w), t (B,) → per-token timesteps (B, T·h/p·w/p): 0 on kept tokens, t elsewhere,
+    in the transformer's token order (diffusers: (first_frame_mask[:, ::2, ::2] * t).flatten())."""
+    generate = (1 - keep[:, 0, :: patch[0], :: patch[1], :: patch[2]]).to(torch.float32)
+    return (generate * t.to(torch.float32).view(-1, 1, 1, 1)).flatten(1)
+
+
+def ti2v_stock_keep(frames: int, h: int, w: int, temporal: int = TEMPORAL) -> torch.Tensor:
+    """The stock first-frame condition's keep mask (T, h, w): latent frame 0 kept, the rest generated."""
+    keep = torch.zeros((frames - 1) // temporal + 1, h, w)
+    keep[0] = 1.0
+    return keep
+
+
+def latent_frames(frames: int, temporal: int = TEMPORAL) -> int:
+    return (frames - 1) // temporal + 1
 
 
 def is_valid_frame_count(frames: int) -> bool:

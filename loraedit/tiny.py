@@ -83,3 +83,80 @@ def save_tiny_model(folder: str | Path, seed: int = 0, **kwargs) -> Path:
     folder = Path(folder)
     build_tiny_pipeline(seed=seed, **kwargs).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# ---------------------------------------------------------------- the Wan2.2 layouts (and a text-to-video one)
+
+
+def _tiny_text_encoder(tokenizer):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(
+        UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    ).eval()
+
+
+def _tiny_wan22_vae(base_dim: int = 8):
+    """The Wan2.2 VAE's layout (residual blocks, 2×2 patchify in front: 16x spatial, 4x temporal,
+    48 latent channels), tiny; latent mean/std are not 0/1 so that normalisation is exercised."""
+    from diffusers import AutoencoderKLWan
+
+    z = 48
+    return AutoencoderKLWan(
+        base_dim=base_dim, decoder_base_dim=base_dim, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+        scale_factor_spatial=16, scale_factor_temporal=4,
+        latents_mean=[round(0.1 * ((i % 7) - 3), 3) for i in range(z)], latents_std=[round(1.0 + 0.05 * (i % 5), 3) for i in range(z)],
+    ).eval()
+
+
+def build_tiny_a14b_pipeline(seed: int = 0, boundary_ratio: float = 0.9):
+    """Wan2.2-I2V-A14B's layout, tiny: two experts (transformer = high noise, transformer_2 = low
+    noise), boundary_ratio, the 36-channel input, no CLIP image encoder (image_dim None)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = _tiny_text_encoder(tokenizer)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]).eval()
+    cfg = tiny_transformer_config(image_dim=None, added_kv_proj_dim=None)
+    high = WanTransformer3DModel(**cfg).eval()
+    low = WanTransformer3DModel(**cfg).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0)
+    return WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                   transformer=high, transformer_2=low, boundary_ratio=boundary_ratio)
+
+
+def build_tiny_ti2v_pipeline(seed: int = 0, expand_timesteps: bool = True):
+    """Wan2.2-TI2V-5B's layout, tiny: a WanPipeline with expand_timesteps, a 48-channel transformer
+    without mask channels or image attention, and the Wan2.2 VAE. expand_timesteps=False gives a
+    plain text-to-video WanPipeline folder (which loraedit refuses)."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = _tiny_text_encoder(tokenizer)
+    vae = _tiny_wan22_vae()
+    transformer = WanTransformer3DModel(**tiny_transformer_config(in_channels=48, out_channels=48, image_dim=None, added_kv_proj_dim=None)).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
+                       expand_timesteps=expand_timesteps)
+
+
+TINY_LAYOUTS = {
+    "wan2.1": ("tiny-Wan2.1-I2V-14B-480P-Diffusers", build_tiny_pipeline),
+    "wan2.1-720p": ("tiny-Wan2.1-I2V-14B-720P-Diffusers", build_tiny_pipeline),  # same configs; the name says 720P
+    "a14b": ("tiny-Wan2.2-I2V-A14B-Diffusers", build_tiny_a14b_pipeline),
+    "ti2v": ("tiny-Wan2.2-TI2V-5B-Diffusers", build_tiny_ti2v_pipeline),
+    "t2v": ("tiny-Wan2.1-T2V-Diffusers", lambda seed=0: build_tiny_ti2v_pipeline(seed, expand_timesteps=False)),
+}
+
+
+def save_tiny_layout(parent: str | Path, layout: str, seed: int = 0) -> Path:
+    """Save the tiny model of `layout` (a TINY_LAYOUTS key) in diffusers layout under `parent`,
+    in a folder named like the real download."""
+    name, build = TINY_LAYOUTS[layout]
+    folder = Path(parent) / name
+    build(seed=seed).save_pretrained(folder, safe_serialization=True)
+    return folder
