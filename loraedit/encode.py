@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,23 @@ def condition_videos(source: torch.Tensor, first: torch.Tensor, region: torch.Te
     return train_video, render_video, keep
 
 
-def cache_key(plan: dict, args) -> str:
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What the encodings depend on besides the prepared frames (from the train and render settings)."""
+
+    model: str
+    prompt: str = ""
+    mode: str = "mask-aware"
+    negative_prompt: str | None = None  # None: Wan's
+
+    @property
+    def negative(self) -> str:
+        return method.WAN_NEGATIVE_PROMPT if self.negative_prompt is None else self.negative_prompt
+
+
+def cache_key(plan: dict, args: EncodeSettings) -> str:
     """What the cache depends on; a change of any of these re-encodes."""
-    parts = [plan, str(args.model), args.prompt, args.negative_prompt, args.mode]
+    parts = [plan, str(args.model), args.prompt, args.negative, args.mode]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -70,7 +85,7 @@ def cached(path: Path, key: str) -> bool:
 FIRST_FRAME_FREE = ("x0", "cond_train", "image_train")
 
 
-def run(args, path: Path, prepared: dict, device: torch.device, reuse: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, reuse: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Encode everything for `prepared` into `path`, or read it back if it is already there.
 
     reuse: an existing cache of the same frames and regions; its first-frame-free entries are
@@ -82,7 +97,7 @@ def run(args, path: Path, prepared: dict, device: torch.device, reuse: dict[str,
     out = {k: v for k, v in (reuse or {}).items() if k in FIRST_FRAME_FREE or k.startswith("ref.")}
     pipe = load_encoders(args.model, device)
     with torch.no_grad():
-        text, negative = pipe.encode_prompt(args.prompt, args.negative_prompt, do_classifier_free_guidance=True,
+        text, negative = pipe.encode_prompt(args.prompt, args.negative, do_classifier_free_guidance=True,
                                             max_sequence_length=512, device=device)
         out["text"], out["negative_text"] = text.float().cpu(), negative.float().cpu()
         if pipe.image_encoder is not None:

@@ -35,10 +35,9 @@ def input_hashes(settings: dict) -> dict[str, str]:
         p = settings.get(key)
         if p and Path(p).exists():
             out[key] = sha256_path(p)
-    for item in settings.get("ref") or []:
-        path = item.partition("=")[2]
+    for k, path in (settings.get("ref") or {}).items():
         if Path(path).is_file():
-            out[f"ref {item.partition('=')[0]}"] = sha256_path(path)
+            out[f"ref {k}"] = sha256_path(path)
     model = Path(str(settings.get("model", "")))
     if model.is_dir():
         for cfg in sorted(model.glob("*/*config.json")) + [model / "model_index.json"]:
@@ -48,11 +47,12 @@ def input_hashes(settings: dict) -> dict[str, str]:
 
 
 def update(run_dir: Path, stage: str, figures: dict, settings: dict) -> None:
+    """Record what `stage` (or one render) was made with; other stages' records stay as they are."""
     path = run_dir / "manifest.json"
     m = read_json(path) if path.is_file() else {}
-    m["settings"] = settings
-    m["seed"] = settings.get("seed")
-    m["inputs"] = input_hashes(settings)
+    m.pop("settings", None)  # the single top-level record of earlier versions described only the last command
+    m.pop("seed", None)
+    m.pop("inputs", None)
     m["versions"] = versions()
-    m.setdefault("stages", {})[stage] = figures
+    m.setdefault("stages", {})[stage] = dict(figures, settings=settings, inputs=input_hashes(settings))
     write_json(path, m)

@@ -26,12 +26,11 @@ import numpy as np
 
 from loraedit import region as _region
 from loraedit.errors import InputError
+from loraedit.settings import MASK_STYLES, SEGMENTERS  # declared with the flags
 from loraedit.video import fit_to_size, probe_video, read_gray, read_video_frames
 
 log = logging.getLogger("loraedit")
 
-MASK_STYLES = ("bbox", "tight", "dilate", "blocks", "static")
-SEGMENTERS = ("flow", "sam2")
 MASKS_MANIFEST = "masks.json"  # written last by `loraedit masks`: its presence marks a complete folder
 MASKS_SUBDIR = "masks"
 WHOLE_FRAME_WARN = 0.9  # a region above this fraction of the frame leaves almost no background to keep
@@ -68,25 +67,10 @@ def parse_box(text: str) -> tuple[int, int, int, int]:
 
 
 def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("edit region (default: found where the edited first frame differs from the source's)")
-    g.add_argument("--mask", default=None, help="mask video, folder of PNG frames, or one PNG (white = edit region)")
-    g.add_argument("--masks", default=None, metavar="DIR", help="reuse the masks written by `loraedit masks --out DIR`, exactly")
-    g.add_argument("--box", dest="box", action="append", type=parse_box, default=[], metavar="x0,y0,x1,y1",
-                   help="edit region on frame 0 as a box in pixels of the working size (--size); repeatable; followed through the video")
-    g.add_argument("--mask-style", dest="mask_style", choices=MASK_STYLES, default="bbox",
-                   help="bbox: each region's box grown by --grow (default); tight: as found; dilate: grown by --dilate pixels; "
-                        "blocks: coarse --block-size blocks at the edge; static: the union over all frames")
-    g.add_argument("--grow", type=float, default=0.10, help="bbox style: grow each box by this fraction of its size (default 0.10)")
-    g.add_argument("--dilate", type=int, default=16, metavar="N", help="dilate style: grow the region by N pixels (default 16)")
-    g.add_argument("--block-size", dest="block_size", type=int, default=7, help="blocks style: block size in pixels (default 7)")
-    g.add_argument("--segmenter", choices=SEGMENTERS, default="flow",
-                   help="flow: follow the region by optical flow (default, no weights); sam2: refine each frame with SAM2 (needs loraedit[sam2] and --sam2-checkpoint)")
-    g.add_argument("--sam2-checkpoint", dest="sam2_checkpoint", default=None, metavar="PATH", help="SAM2 weights (.pt) for --segmenter sam2")
-    g.add_argument("--sam2-config", dest="sam2_config", default=None, help="SAM2 model config (default: guessed from the checkpoint's name)")
-    g.add_argument("--diff-threshold", dest="diff_threshold", type=float, default=0.0,
-                   help="automatic region: colour difference (CIE ΔE) that counts as edited; 0 = choose per image (default)")
-    g.add_argument("--min-region", dest="min_region", type=float, default=0.002,
-                   help="automatic region: drop found regions smaller than this fraction of the frame (default 0.002)")
+    """The edit-region flags, as declared once in loraedit.settings.PrepareSettings (group 'edit region')."""
+    from loraedit.settings import PrepareSettings, add_arguments, group_fields
+
+    add_arguments(parser, group_fields(PrepareSettings, "edit region"), raw=False)
 
 
 def mask_options_from_args(args) -> MaskOptions:

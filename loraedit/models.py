@@ -18,7 +18,7 @@ from loraedit.errors import InputError
 from loraedit.files import atomic_output
 
 # every linear layer of each block except the image key/value projections (add_k_proj/add_v_proj)
-DEFAULT_LORA_TARGETS = r".*blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|attn2\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.0\.proj|ffn\.net\.2)"
+from loraedit.settings import DEFAULT_LORA_TARGETS  # noqa: E402,F401  (declared with the --lora-targets flag)
 ADAPTER = "edit"
 
 # diffusers module path → original Wan (and ComfyUI) module path, inside blocks.N

@@ -15,36 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from loraedit import masks, method
-from loraedit.errors import InputError
+from loraedit import masks
+from loraedit.settings import PrepareSettings
 from loraedit.files import read_json, write_json
 from loraedit.video import default_size, fit_edited, fit_to_size, frame_indices, parse_size, probe_video, read_image, read_video_frames, write_png
 
 log = logging.getLogger("loraedit")
 
 
-def parse_refs(items: list[str] | None, frames: int) -> dict[int, str]:
-    """['24=edited_024.png', ...] → {24: 'edited_024.png'}; K indexes the F selected frames."""
-    refs: dict[int, str] = {}
-    for item in items or []:
-        k, sep, path = item.partition("=")
-        if not sep or not k.strip().lstrip("-").isdigit():
-            raise InputError(f"--ref {item!r}: write it as FRAME=PATH, e.g. --ref 24=edited_024.png")
-        k = int(k)
-        if not 1 <= k < frames:
-            raise InputError(f"--ref {item}: frame {k} is outside the clip's frames 1..{frames - 1} (frame 0 is --first-frame)")
-        if not Path(path).is_file():
-            raise InputError(f"{path}: no such reference image (from --ref {item}); check the path")
-        refs[k] = path
-    return refs
-
-
-def run(args, run_dir: Path) -> dict:
+def run(args: PrepareSettings, run_dir: Path) -> dict:
     """Write prepare/ for `args`; returns the plan."""
-    if not method.is_valid_frame_count(args.frames):
-        raise InputError(f"--frames {args.frames}: must be 4k+1 (e.g. 17, 33, 49, 81); nearest is {method.nearest_valid_frame_count(args.frames)}")
-    if args.video is None or args.first_frame is None:
-        raise InputError("--video and --first-frame are required (the source clip and its edited first frame)")
+    args.check_files()
     info = probe_video(args.video)
     width, height = parse_size(args.size) if args.size else default_size(info.width, info.height)
     indices = frame_indices(info.n_frames, args.frames, args.start, args.stride, path=args.video, times=info.times)
@@ -52,8 +33,8 @@ def run(args, run_dir: Path) -> dict:
     first = fit_edited(read_image(args.first_frame), width, height, info.width, info.height, args.first_frame)
     if np.abs(first.astype(np.int16) - frames[0].astype(np.int16)).mean() < 0.5:
         log.warning("%s: looks the same as the video's first frame; is it the edited one?", args.first_frame)
-    refs = parse_refs(args.ref, args.frames)
-    regions = masks.edit_regions(frames, first, masks.mask_options_from_args(args), indices, info.n_frames)
+    refs = args.ref
+    regions = masks.edit_regions(frames, first, args.mask_options(), indices, info.n_frames)
     if regions.shape != frames.shape[:3]:
         raise RuntimeError(f"edit region shape {regions.shape} does not match frames {frames.shape[:3]}")
 

@@ -19,6 +19,7 @@ import torch
 from loraedit import method
 from loraedit.models import memory_mode, load_scheduler, load_trained_lora, load_transformer, load_vae, peak_memory_gb, release_memory
 from loraedit.files import write_json
+from loraedit.settings import RenderSettings
 from loraedit.video import write_png, write_video
 
 log = logging.getLogger("loraedit")
@@ -64,16 +65,16 @@ def contact_sheet(rows: list[np.ndarray], n: int = 6, tile_width: int = 320) -> 
     return np.concatenate(tiles, axis=0)
 
 
-def render_settings(args, run_dir: Path, prepared: dict) -> dict:
+def render_settings(s: RenderSettings, run_dir: Path, prepared: dict, prompt: str) -> dict:
     """Everything a render's result depends on (its trained LoRA included)."""
     from loraedit.files import sha256_file
 
     lora = run_dir / "lora" / "pytorch_lora_weights.safetensors"
-    return {"seed": args.seed, "render_steps": args.render_steps, "shift": args.shift, "guidance": args.guidance,
-            "composite": args.composite, "feather": args.feather, "prompt": args.prompt,
-            "negative_prompt": args.negative_prompt, "memory": args.memory,
-            "first_frame": prepared["plan"].get("first_frame_sha256", "prepared"),
-            "lora": sha256_file(lora) if lora.is_file() else None}
+    out = s.result_dict()
+    out.pop("model", None)
+    out.update(prompt=prompt, first_frame=prepared["plan"].get("first_frame_sha256", "prepared"),
+               lora=sha256_file(lora) if lora.is_file() else None)
+    return out
 
 
 def output_dir(run_dir: Path, name: str | None) -> Path:
@@ -86,7 +87,8 @@ def output_dir(run_dir: Path, name: str | None) -> Path:
     return d
 
 
-def run(args, run_dir: Path, prepared: dict, cache: dict[str, torch.Tensor], device: torch.device, out_dir: Path, progress=None) -> dict:
+def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, torch.Tensor], device: torch.device, out_dir: Path,
+        progress=None, source_video: str | None = None, prompt: str = "") -> dict:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -126,12 +128,12 @@ def run(args, run_dir: Path, prepared: dict, cache: dict[str, torch.Tensor], dev
     plan = prepared["plan"]
     # the source's sound fits only when the frames are the clip's own consecutive frames from its start
     consecutive = plan["indices"] == list(range(plan["frames"]))
-    audio = args.video if plan.get("has_audio") and consecutive and args.video and Path(args.video).is_file() else None
+    audio = source_video if plan.get("has_audio") and consecutive and source_video and Path(source_video).is_file() else None
     for i, f in enumerate(frames):
         write_png(out_dir / "frames" / f"{i:03d}.png", f)
     write_video(out_dir / "edited.mp4", frames, fps, audio_from=audio)
     write_video(out_dir / "side_by_side.mp4", np.concatenate([source, frames], axis=2), fps)
     write_png(out_dir / "contact_sheet.png", contact_sheet([source, frames]))
-    write_json(out_dir / "settings.json", render_settings(args, run_dir, prepared))  # last: marks it complete
+    write_json(out_dir / "settings.json", render_settings(args, run_dir, prepared, prompt))  # last: marks it complete
     return {"seconds": time.perf_counter() - t0, "peak_memory_gb": peak, "dir": str(out_dir), "seed": args.seed,
             "steps": args.render_steps, "guidance": args.guidance, "shift": args.shift}

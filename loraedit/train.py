@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from loraedit import method
 from loraedit.files import atomic_output, read_json, write_json
+from loraedit.settings import TrainSettings
 from loraedit.models import memory_mode, add_lora, load_transformer, lora_parameters, peak_memory_gb, release_memory, save_lora
 
 log = logging.getLogger("loraedit")
@@ -140,12 +141,12 @@ def write_losses(train_dir: Path, losses: list[float], samples: list[str], steps
 # ---------------------------------------------------------------- the stage
 
 
-def sample_names(total: int, args, ref_keys: list[int]) -> list[str]:
+def sample_names(total: int, args: TrainSettings, ref_keys: list[int]) -> list[str]:
     return ["video" if (k := sample_for_step(s, args.steps, ref_keys, args.ref_video_every, step_generator(args.seed, s))) is None else f"ref{k}"
             for s in range(total)]
 
 
-def run(args, run_dir: Path, cache: dict[str, torch.Tensor], device: torch.device, progress=None) -> dict:
+def run(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tensor], device: torch.device, progress=None) -> dict:
     """Train (or resume) and write lora/; returns timing and memory figures."""
     from tqdm.auto import tqdm
 

@@ -10,7 +10,8 @@ import torch
 from diffusers import WanImageToVideoPipeline
 from PIL import Image
 
-from loraedit.cli import main
+from loraedit.cli import main, resolve
+from loraedit.settings import TrainSettings
 
 from conftest import edit_argv
 
@@ -36,10 +37,11 @@ def test_edit_writes_every_output(trained_run):
     assert (info.width, info.height, info.n_frames) == (96, 64, 17)
     assert probe_video(out / "render" / "side_by_side.mp4").width == 192
     m = json.loads((out / "manifest.json").read_text())
-    assert m["seed"] == 0 and m["settings"]["steps"] == 4 and m["settings"]["mask_style"] == "bbox"
     assert set(m["stages"]) >= {"prepare", "encode", "train", "render"}
+    assert m["stages"]["train"]["settings"]["steps"] == 4 and m["stages"]["prepare"]["settings"]["mask_style"] == "bbox"
+    assert m["stages"]["render"]["settings"]["seed"] == 0
     assert m["stages"]["train"]["total"] == 6 and m["stages"]["train"]["seconds"] > 0
-    assert {"video", "first_frame", "mask", "ref 8", "model/model_index.json"} <= set(m["inputs"])
+    assert {"video", "first_frame", "mask", "ref 8", "model/model_index.json"} <= set(m["stages"]["prepare"]["inputs"])
     assert m["versions"]["diffusers"] and m["versions"]["torch"]
     lines = (out / "train" / "losses.csv").read_text().splitlines()
     assert lines[0] == "step,stage,sample,loss" and len(lines) == 7
@@ -131,10 +133,14 @@ def test_toml_job_file_with_flags_overriding_it(tiny_model, clip, tmp_path):
     job.write_text(f'model = "{tiny_model}"\nvideo = "{clip["video"]}"\nfirst-frame = "{clip["first_frame"]}"\n'
                    f'mask = "{clip["mask"]}"\nframes = 17\nsize = "96x64"\nsteps = 3\nrank = 4\n'
                    f'[ref]\n8 = "{clip["ref"].name}"\n')  # relative to the job file
-    assert main(["prepare", "--config", str(job), "--out", str(tmp_path / "run"), "--rank", "2"]) == 0
-    saved = json.loads((tmp_path / "run" / "job.json").read_text())
-    assert saved["steps"] == 3 and saved["rank"] == 2 and saved["frames"] == 17
-    assert saved["ref"] == [f"8={clip['ref']}"] and (tmp_path / "run" / "prepare" / "refs" / "008.png").is_file()
+    assert main(["prepare", "--config", str(job), "--out", str(tmp_path / "run"), "--frames", "17"]) == 0
+    saved = json.loads((tmp_path / "run" / "job.json").read_text())["prepare"]
+    assert saved["frames"] == 17 and saved["size"] == "96x64" and "steps" not in saved  # prepare takes its own keys
+    assert saved["ref"] == {"8": str(clip["ref"])} and (tmp_path / "run" / "prepare" / "refs" / "008.png").is_file()
+    # train takes the training keys of the same file; a flag overrides the file
+    inv = resolve(["train", "--config", str(job), "--out", str(tmp_path / "run"), "--rank", "2"])
+    train = inv.stages[TrainSettings]
+    assert (train.steps, train.rank, train.model) == (3, 2, str(tiny_model))
     (tmp_path / "bad.toml").write_text("stepz = 3\n")
     assert main(["prepare", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "x")]) == 2
 
@@ -208,3 +214,34 @@ def test_bad_input_from_the_shell_has_no_traceback(tiny_model, clip, tmp_path):
     r = _run_cli(_bad(tiny_model, clip, tmp_path, **{"--size": "100x64"}))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["loraedit: error: --size 100x64: width and height must be positive multiples of 16 (e.g. 832x480)"]
+
+
+# ---------------------------------------------------------------- per-command flags
+
+
+def test_a_flag_of_another_command_is_an_error_naming_that_command(tmp_path, capsys):
+    assert main(["render", "--out", str(tmp_path / "run"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["loraedit: error: render: --steps is not a setting of `loraedit render`; it belongs to "
+                   "`loraedit train` and `loraedit edit`"]
+    assert not (tmp_path / "run").exists()  # nothing made for a refused command
+    assert main(["prepare", "--out", str(tmp_path / "run"), "--render-steps", "3"]) == 2
+    assert "`loraedit render` and `loraedit edit`" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "run"), "--stepz", "3"]) == 2
+    assert "unknown flag --stepz" in capsys.readouterr().err
+
+
+def test_help_of_each_command_lists_only_its_own_flags():
+    from loraedit.cli import build_parser
+    from loraedit.settings import command_fields, flag_name
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    everything = {flag_name(f) for c in ("edit",) for f in command_fields(c).values()}
+    for command in ("prepare", "train", "render", "edit"):
+        text = sub.choices[command].format_help()
+        own = {flag_name(f) for f in command_fields(command).values()}
+        assert own and all(flag in text for flag in own), command
+        for flag in everything - own:
+            assert f"{flag} " not in text and f"{flag}\n" not in text, (command, flag)
+    assert "--steps" in sub.choices["train"].format_help() and "--steps" not in sub.choices["render"].format_help()

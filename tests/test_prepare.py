@@ -1,28 +1,19 @@
 """The prepare stage: frame choice, sizes, the edited frame's size, references."""
 
-import argparse
-
 import numpy as np
 import pytest
 
 from loraedit import prepare
 from loraedit.errors import InputError
+from loraedit.settings import PrepareSettings
 from loraedit.video import fit_edited, frame_indices, read_image
 
 
 def _args(clip, out, **kw):
-    base = dict(video=str(clip["video"]), first_frame=str(clip["first_frame"]), mask=str(clip["mask"]), frames=17,
-                size="96x64", start=0, stride=None, ref=None, mask_style="bbox", grow=0.10)
+    base = dict(model="unused", video=str(clip["video"]), first_frame=str(clip["first_frame"]), mask=str(clip["mask"]), frames=17,
+                size="96x64", mask_style="bbox", grow=0.10)
     base.update(kw)
-    ns = argparse.Namespace(**base)
-    from loraedit import masks
-
-    parser = argparse.ArgumentParser()
-    masks.add_mask_arguments(parser)
-    for k, v in vars(parser.parse_args([])).items():  # the mask flags' own defaults
-        if not hasattr(ns, k):
-            setattr(ns, k, v)
-    return ns
+    return PrepareSettings(**base)
 
 
 def test_frames_are_spread_evenly_or_strided():
@@ -56,9 +47,9 @@ def test_an_edited_frame_at_the_working_size_or_the_source_aspect_is_accepted(cl
 
 
 def test_reference_index_must_lie_inside_the_clip(clip):
-    assert prepare.parse_refs([f"16={clip['ref']}"], 17) == {16: str(clip["ref"])}
+    assert PrepareSettings(ref=[f"16={clip['ref']}"], frames=17).ref == {16: str(clip["ref"])}
     for bad in ("0", "17", "-1"):
         with pytest.raises(InputError, match="outside the clip"):
-            prepare.parse_refs([f"{bad}={clip['ref']}"], 17)
+            PrepareSettings(ref=[f"{bad}={clip['ref']}"], frames=17)
     with pytest.raises(InputError, match="FRAME=PATH"):
-        prepare.parse_refs([str(clip["ref"])], 17)
+        PrepareSettings(ref=[str(clip["ref"])], frames=17)
