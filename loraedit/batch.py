@@ -90,6 +90,8 @@ def _normalise(table: dict, path: Path) -> dict:
         out[k] = v
     if "ref" in out:
         out["ref"] = _refs(out["ref"], path)
+    if isinstance(out.get("variant"), list):
+        out["variant"] = [_normalise(v, path) if isinstance(v, dict) else v for v in out["variant"]]
     for key in PATH_KEYS:
         v = out.get(key)
         if isinstance(v, str):
@@ -317,8 +319,12 @@ def run_job(job: Job, root: str, session: str, clip: str | None = None) -> dict:
     from loraedit import cli
 
     captured = io.StringIO()
-    # the engine's log lines go where they always go; the one-line error is also kept for the record
+    # the engine's log lines go where they always go, and into the job's log; its one-line error
+    # (printed, not logged) is kept for the record
     logging.basicConfig(format="loraedit: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    handler = logging.StreamHandler(captured)
+    handler.setFormatter(logging.Formatter("loraedit: %(message)s"))
+    log.addHandler(handler)
     error = None
     try:
         with contextlib.redirect_stderr(_Tee(captured, sys.stderr)):
@@ -327,6 +333,8 @@ def run_job(job: Job, root: str, session: str, clip: str | None = None) -> dict:
         rc = 1
         captured.write(traceback.format_exc())
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    finally:
+        log.removeHandler(handler)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as f:
         f.write(f"--- attempt {attempt} on {record['host']} (pid {os.getpid()})\n{captured.getvalue()}")
@@ -337,15 +345,27 @@ def run_job(job: Job, root: str, session: str, clip: str | None = None) -> dict:
         error = error or (lines[-1].removeprefix("loraedit: error: ") if lines else f"loraedit edit exited with {rc}")
         return _finish(state, record, t0, "failed", error)
     record["peak_memory_gb"] = _peak_memory(run_dir)
+    record["render"] = _render_of(run_dir, captured.getvalue())
     try:
         from loraedit.evaluate import score_run
 
-        record["metrics"] = score_run(run_dir, clip_path=clip)
+        record["metrics"] = score_run(run_dir, clip_path=clip, render_name=record["render"])
     except InputError as exc:
         record["metrics_error"] = str(exc)
     except Exception as exc:  # scoring must not lose a finished edit
         record["metrics_error"] = f"{type(exc).__name__}: {exc}"
     return _finish(state, record, t0, "done", None)
+
+
+def _render_of(run_dir: Path, log_text: str) -> str:
+    """The render folder of this job's settings: the one `edit` just wrote or found already done
+    (a job whose render settings changed renders beside the first, into render-2, …)."""
+    named = [Path(m).parent.name for m in re.findall(r"(\S+)/edited\.mp4", log_text)
+             if Path(m).parent.parent == run_dir and (Path(m).parent / "settings.json").is_file()]
+    if named:
+        return named[-1]
+    done = sorted(run_dir.glob("render*/settings.json"), key=lambda p: p.stat().st_mtime)
+    return done[-1].parent.name if done else "render"
 
 
 def _finish(state: Path, record: dict, t0: float, status: str, error: str | None) -> dict:
@@ -365,7 +385,7 @@ def _is_done(root: Path, job: Job) -> bool:
         return False
     rec = read_json(state)
     return (rec.get("status") == "done" and rec.get("fingerprint") == fingerprint(job)
-            and (root / job.name / "render" / "settings.json").is_file())
+            and (root / job.name / rec.get("render", "render") / "settings.json").is_file())
 
 
 def _records(root: Path, jobs: list[Job]) -> dict[str, dict]:
@@ -425,7 +445,8 @@ def index_html(root: Path, rows: list[dict], counts: dict) -> str:
     body = []
     for r in rows:
         run = quote(r["run"])
-        render = root / r["run"] / "render"
+        render_name = r.get("render", "render")
+        render = root / r["run"] / render_name
         status = r["status"]
         cells = [f"<td><b>{esc(r['name'])}</b><div class=small>{esc(', '.join(f'{k}={v}' for k, v in r['variant'].items()))}</div>"
                  f"<div class=small><a href='{run}/'>run folder</a></div></td>",
@@ -434,12 +455,12 @@ def index_html(root: Path, rows: list[dict], counts: dict) -> str:
                  f"<td>{_duration(r['seconds']) if 'seconds' in r else ''}</td>",
                  f"<td>{'%.1f GB' % r['peak_memory_gb'] if isinstance(r.get('peak_memory_gb'), (int, float)) else ''}</td>"]
         if (render / "side_by_side.mp4").is_file():
-            cells.append(f"<td><video src='{run}/render/side_by_side.mp4' controls autoplay loop muted playsinline "
+            cells.append(f"<td><video src='{run}/{quote(render_name)}/side_by_side.mp4' controls autoplay loop muted playsinline "
                          "preload='metadata'></video></td>")
         else:
             cells.append("<td></td>")
         if (render / "contact_sheet.png").is_file():
-            cells.append(f"<td><a href='{run}/render/contact_sheet.png'><img src='{run}/render/contact_sheet.png'></a></td>")
+            cells.append(f"<td><a href='{run}/{quote(render_name)}/contact_sheet.png'><img src='{run}/{quote(render_name)}/contact_sheet.png'></a></td>")
         else:
             cells.append("<td></td>")
         metrics = _metric_cells(r.get("metrics") or {})
