@@ -50,7 +50,7 @@ log = logging.getLogger("loraedit")
 
 PATH_KEYS = ("model", "video", "first_frame", "mask", "masks", "sam2_checkpoint")
 BATCH_KEYS = ("name", "variant")  # keys of a job that are the batch's, not `loraedit edit`'s
-NOT_JOB_KEYS = ("out", "config", "quiet", "command", "func", "name")  # flags a job may not set
+NOT_JOB_KEYS = ("out", "config", "quiet", "command", "func", "name", "restart")  # flags a job may not set
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 # Ray workers share the node's cores with other jobs: no busy-waiting OpenMP threads
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -146,8 +146,9 @@ def expand(name: str, settings: dict, actions: dict[str, argparse.Action], origi
         if action is None or not isinstance(value, list):
             continue
         if _is_multi(action):
-            # a list of lists (or of [ref] tables, already turned into lists) = variants
-            if value and all(isinstance(x, list) for x in value):
+            # a list of lists of values (or of [ref] tables, already turned into lists) = variants;
+            # a list of numbers inside is one value (a box: [[x0, y0, x1, y1]])
+            if value and all(isinstance(x, list) and not any(isinstance(y, (int, float)) for y in x) for x in value):
                 varying.append(key)
         else:
             varying.append(key)
@@ -252,12 +253,14 @@ def job_argv(job: Job, run_dir: Path, actions: dict[str, argparse.Action] | None
     for key in sorted(job.settings):
         action, value = actions[key], job.settings[key]
         flag = next(o for o in action.option_strings if o.startswith("--"))
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            if bool(value) != bool(action.default):
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if bool(value) != isinstance(action, argparse._StoreFalseAction):
                 argv.append(flag)
         elif _is_multi(action):
             for v in value if isinstance(value, list) else [value]:
-                argv += [flag, str(v)]
+                argv += [flag, ",".join(str(x) for x in v) if isinstance(v, list) else str(v)]
         else:
             argv += [flag, str(value)]
     return argv

@@ -80,11 +80,13 @@ def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def ssim_outside(output: np.ndarray, source: np.ndarray, region: np.ndarray | None) -> float:
-    """Mean SSIM over pixels outside the region, frames 1…F-1 (all pixels without a region)."""
+    """Mean SSIM over pixels outside the region, frames 1…F-1 (all pixels without a region).
+
+    Only pixels whose whole 11×11 window lies outside count, so the edit itself never lowers it."""
     vals = []
     for i in range(1, len(output)):
         s = ssim_map(output[i], source[i])
-        keep = np.ones(s.shape, bool) if region is None else ~region[i]
+        keep = np.ones(s.shape, bool) if region is None else ~cv2.dilate(region[i].astype(np.uint8), np.ones((11, 11), np.uint8)).astype(bool)
         if keep.any():
             vals.append(s[keep])
     return float(np.concatenate(vals).mean()) if vals else float("nan")
@@ -148,7 +150,7 @@ class ClipScorer:
 
     def __init__(self, path: str, device: str = "cpu"):
         import torch
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import AutoConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
 
         local = Path(path).expanduser()
         if local.exists():
@@ -161,7 +163,13 @@ class ClipScorer:
                              "openai/clip-vit-large-patch14) or its hub id")
         try:
             self.processor = CLIPImageProcessor.from_pretrained(path)
-            self.model = CLIPVisionModelWithProjection.from_pretrained(path).eval().to(device)
+            kind = AutoConfig.from_pretrained(path).model_type
+            if kind == "clip":  # a whole CLIP model (vision + text): keep its vision tower and projection
+                self.model = CLIPModel.from_pretrained(path).eval().to(device)
+            elif kind == "clip_vision_model":
+                self.model = CLIPVisionModelWithProjection.from_pretrained(path).eval().to(device)
+            else:
+                raise InputError(f"--clip {path}: is a {kind} model, not CLIP")
         except OSError as exc:
             raise InputError(f"--clip {path}: could not load a CLIP model ({str(exc).splitlines()[0]}); "
                              "give a local folder when there is no network") from None
@@ -175,7 +183,12 @@ class ClipScorer:
         with torch.no_grad():
             for i in range(0, len(frames), batch):
                 px = self.processor(images=list(frames[i:i + batch]), return_tensors="pt")["pixel_values"]
-                e = self.model(pixel_values=px.to(self.device, self.model.dtype)).image_embeds.float()
+                px = px.to(self.device, self.model.dtype)
+                if hasattr(self.model, "visual_projection") and hasattr(self.model, "text_model"):
+                    e = self.model.visual_projection(self.model.vision_model(pixel_values=px).pooler_output)
+                else:
+                    e = self.model(pixel_values=px).image_embeds
+                e = e.float()
                 out.append(torch.nn.functional.normalize(e, dim=-1).cpu())
         return torch.cat(out)
 
