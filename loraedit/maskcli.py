@@ -96,7 +96,8 @@ def run_masks(args) -> int:
     else:
         first = frames[0]
     t1 = time.perf_counter()
-    regions = masks.edit_regions(frames, first, opts, indices, info.n_frames)
+    motion: dict = {}
+    regions = masks.edit_regions(frames, first, opts, indices, info.n_frames, report=motion)
     t2 = time.perf_counter()
 
     out = Path(args.out)
@@ -118,7 +119,7 @@ def run_masks(args) -> int:
         "frames": len(indices), "width": width, "height": height, "indices": indices, "source_frames": info.n_frames,
         "video": str(args.video), "first_frame": str(args.first_frame) if args.first_frame else None, "fps": fps,
         "mask_style": opts.style, "segmenter": opts.segmenter, "source": "masks" if opts.mask else "box" if opts.boxes else "automatic",
-        "region_fraction": float(regions.mean()), "region_fraction_per_frame": [round(float(r.mean()), 4) for r in regions],
+        "region_fraction": float(regions.mean()), **motion, "region_fraction_per_frame": [round(float(r.mean()), 4) for r in regions],
         "seconds": {"read": round(t1 - t0, 2), "regions": round(t2 - t1, 2), "write": round(t3 - t2, 2)},
     })
     if not getattr(args, "quiet", False):

@@ -235,8 +235,14 @@ def _box_region(boxes, H: int, W: int) -> np.ndarray:
     return r
 
 
-def edit_regions(frames: np.ndarray, first_frame: np.ndarray, opts: MaskOptions, indices: list[int], n_source: int) -> np.ndarray:
-    """The edit region of every selected frame, (F, H, W) bool, True = edit."""
+def edit_regions(frames: np.ndarray, first_frame: np.ndarray, opts: MaskOptions, indices: list[int], n_source: int,
+                 report: dict | None = None) -> np.ndarray:
+    """The edit region of every selected frame, (F, H, W) bool, True = edit.
+
+    report: when given, filled with what moved a followed region in each frame ("motion", one of
+    region.MOTIONS per frame), whether the edit adds content ("added") and the first frame whose
+    motion was ambiguous ("ambiguous_from").
+    """
     _check_options(opts)
     F, H, W = frames.shape[:3]
     if opts.masks:
@@ -259,10 +265,22 @@ def edit_regions(frames: np.ndarray, first_frame: np.ndarray, opts: MaskOptions,
 
             regions = sam2seg.segment(frames, region0, opts)
         else:
-            regions = _region.track_region(frames, region0, rigid=rigid)
+            followed = _region.follow_region(frames, region0, rigid=rigid, edited0=None if rigid else first_frame)
+            regions = followed.regions
+            _say_motion(followed, where)
+            if report is not None:
+                report.update(motion=followed.motion, added=followed.added, ambiguous_from=followed.ambiguous_from)
     regions = apply_style(regions, opts)
     _warn_coverage(regions, where)
     return regions
+
+
+def _say_motion(followed: _region.Followed, where: str) -> None:
+    log.info("%s: %s", where, followed.summary())
+    if followed.ambiguous_from is not None:
+        log.warning("%s: from frame %d what the added region sits on does not move as one, so where it goes is unclear; "
+                    "it now covers both where that object and where the scene would take it — check the contact sheet, "
+                    "or give --box x0,y0,x1,y1 around the object and the addition", where, followed.ambiguous_from)
 
 
 def _warn_coverage(regions: np.ndarray, where: str) -> None:

@@ -33,6 +33,8 @@ elsewhere is not re-found — its region stays where the scene carried it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -161,8 +163,10 @@ def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
     return M.astype(np.float32)
 
 
-def _lk_motion(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> np.ndarray | None:
-    pts = cv2.goodFeaturesToTrack(a, maxCorners=400, qualityLevel=0.01, minDistance=3, mask=where.astype(np.uint8))
+def _lk_points(a: np.ndarray, b: np.ndarray, where: np.ndarray, corners: int = 400, spacing: int = 3) -> tuple[np.ndarray, np.ndarray] | None:
+    """Corners of frame a inside `where` tracked into frame b by Lucas-Kanade, kept where tracking
+    back lands within half a pixel: (src (N, 2), dst (N, 2)), or None for fewer than 8."""
+    pts = cv2.goodFeaturesToTrack(a, maxCorners=corners, qualityLevel=0.01, minDistance=spacing, mask=where.astype(np.uint8))
     if pts is None or len(pts) < 8:
         return None
     lk = dict(winSize=(15, 15), maxLevel=4, criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 0.01))
@@ -171,7 +175,12 @@ def _lk_motion(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> np.ndarray | 
     good = (st[:, 0] == 1) & (st2[:, 0] == 1) & (np.linalg.norm((back - pts)[:, 0], axis=1) < 0.5)
     if good.sum() < 8:
         return None
-    return _similarity(pts[good, 0], nxt[good, 0])
+    return pts[good, 0], nxt[good, 0]
+
+
+def _lk_motion(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> np.ndarray | None:
+    tracked = _lk_points(a, b, where)
+    return None if tracked is None else _similarity(*tracked)
 
 
 def _patch_match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -227,18 +236,175 @@ def _translation(d: np.ndarray) -> np.ndarray:
     return np.array([[1, 0, d[0]], [0, 1, d[1]]], np.float32)
 
 
-def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -> np.ndarray:
-    """(F, H, W, 3) uint8 frames, (H, W) bool region in frame 0 → (F, H, W) bool, one region per frame.
 
-    rigid=False: the visible region, following each pixel (for a region found by difference).
+# ------------------------------------------------------------------ what moves the region
+
+STILL_PX = 0.25  # corners moving less than this between frames (flow-scale pixels) have not moved
+STILL_SHARE = 0.3  # this share of the frame's tracked corners standing still means a still camera
+OWN_EXPLAINS = 0.45  # the region's own motion must predict this share of it ...
+OWN_MARGIN = 0.1  # ... this much more than the scene's motion does ...
+OWN_SHIFT = 0.5  # ... and take it at least this many pixels away from where the scene's would
+OWN_TEXTURE = 0.1  # ... and the region must hold this share of textured pixels to judge by
+MOVING_PX = 1.0  # a pixel whose flow differs from the scene's by more than this moves by itself
+ADDED_CORR = 0.4  # the edit's fine structure correlating less than this with the source's: new content
+ADDED_STD = 2.0  # grey levels: an edit with less fine structure than this adds nothing (a recolour)
+SUPPORT_COHERENT = 0.5  # the object under an addition must move as one: this share fits one motion
+BAND = 0.2  # what an addition touches: within this share of its size (square root of its area)
+MOTIONS = ("static", "camera", "object", "on-object")
+
+
+def edit_adds_content(source0: np.ndarray, edited0: np.ndarray, region0: np.ndarray) -> bool:
+    """Whether the edit puts new things over the source (a hat, an object) rather than changing what
+    is there (a recolour keeps the source's fine structure, a removal leaves little of its own).
+
+    The fine structure (grey levels minus a blur) inside the region: the edit adds content when it
+    has structure of its own (std ≥ ADDED_STD) that does not correlate with the source's.
+    """
+    H, W = region0.shape
+    sigma = max(1.0, min(H, W) / 256)
+
+    def fine(img):
+        g = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        return g - cv2.GaussianBlur(g, (0, 0), 2 * sigma)
+
+    # away from the region's border, where a recolour makes a new edge (the region was found on
+    # frames blurred by about min(H, W) / 128)
+    inner = cv2.erode(region0.astype(np.uint8), _ellipse(2 * round(max(2.0, 3 * min(H, W) / 128)) + 1)).astype(bool)
+    if inner.sum() < 50:
+        inner = region0
+    s, e = fine(source0)[inner], fine(edited0)[inner]
+    if e.std() < ADDED_STD or e.std() < 0.5 * s.std():
+        return False
+    corr = 0.0 if s.std() < 1e-3 else abs(float(np.corrcoef(s, e)[0, 1]))
+    return corr < ADDED_CORR
+
+
+def _scene_motion(a: np.ndarray, b: np.ndarray, exclude: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The camera's motion from frame a to b, fitted to corners outside `exclude`: (2×3 similarity,
+    whether the camera is still). A still camera is recognised by its still corners, not by the
+    best fit: in a static shot a moving subject may hold more corners than a plain background."""
+    tracked = _lk_points(a, b, ~exclude, corners=500, spacing=5)
+    if tracked is None:
+        return _translation(np.zeros(2)), True
+    src, dst = tracked
+    moved = np.linalg.norm(dst - src, axis=1)
+    if (moved < STILL_PX).sum() >= max(8, STILL_SHARE * len(src)):
+        return _translation(np.zeros(2)), True
+    M = _similarity(src, dst)
+    return (M if M is not None else _translation(np.median(dst - src, axis=0))), False
+
+
+def _motion_field(M: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """(h, w, 2): where M takes each pixel, minus the pixel."""
+    return np.stack([M[0, 0] * xs + M[0, 1] * ys + M[0, 2] - xs, M[1, 0] * xs + M[1, 1] * ys + M[1, 2] - ys], -1)
+
+
+def _inverse(M: np.ndarray) -> np.ndarray:
+    return cv2.invertAffineTransform(M.astype(np.float64)).astype(np.float32)
+
+
+def _shift_between(M1: np.ndarray, M2: np.ndarray, where: np.ndarray) -> float:
+    """Mean distance (pixels) between where M1 and M2 take the pixels of `where`."""
+    yy, xx = np.nonzero(where)
+    if len(xx) == 0:
+        return 0.0
+    p = np.stack([xx, yy, np.ones_like(xx)], 0).astype(np.float32)
+    return float(np.linalg.norm((M1 @ p) - (M2 @ p), axis=0).mean())
+
+
+def _own_motion(fl: _Flow, t: int, inner: np.ndarray, fwd: np.ndarray, f_ok: np.ndarray, last_M, rng) -> tuple[np.ndarray | None, float]:
+    """The region's own motion t-1 → t and how much of it that motion predicts: the best of corners
+    tracked by Lucas-Kanade (exact where dense flow is smoothed across the object's border or fails
+    on fast motion), a fit to the dense flow, and the last motion (constant velocity); when none
+    explains the region, a template search as well."""
+    candidates = [_lk_motion(fl.gray[t - 1], fl.gray[t], inner)]
+    seen = inner & f_ok
+    if seen.sum() >= 20:
+        yy, xx = np.nonzero(seen)
+        pick = rng.choice(len(xx), size=min(len(xx), 2000), replace=False)
+        src = np.stack([xx[pick], yy[pick]], 1).astype(np.float32)
+        candidates.append(_similarity(src, src + fwd[yy[pick], xx[pick]]))
+    candidates.append(last_M)
+    candidates = [c for c in candidates if c is not None]
+    scores = [_prediction_score(fl.gray[t - 1], fl.gray[t], inner, c) for c in candidates]
+    if not scores or max(scores) < 0.5:
+        c = _template_motion(fl.gray[t - 1], fl.gray[t], inner, last_M)
+        if c is not None:
+            candidates.append(c)
+            scores.append(_prediction_score(fl.gray[t - 1], fl.gray[t], inner, c))
+    if not candidates:
+        return None, 0.0
+    best = int(np.argmax(scores))
+    return (candidates[best], scores[best]) if scores[best] >= MIN_PREDICTION else (None, 0.0)
+
+
+def _moves_by_itself(fl: _Flow, t: int, inner: np.ndarray, M_own: np.ndarray, s_own: float, G: np.ndarray) -> bool:
+    """Whether the region's own motion is evidence that it moves otherwise than the scene: it
+    predicts most of the region, better than the scene's motion by a margin, takes it somewhere else, and
+    the region has texture to tell (a plain patch matches itself shifted anywhere nearby)."""
+    if not inner.any() or float(fl.textured(t - 1)[inner].mean()) < OWN_TEXTURE:
+        return False
+    if _shift_between(M_own, G, inner) <= OWN_SHIFT:
+        return False
+    return s_own >= OWN_EXPLAINS and s_own >= _prediction_score(fl.gray[t - 1], fl.gray[t], inner, G) + OWN_MARGIN
+
+
+@dataclass
+class Followed:
+    """A region followed through the video and what moved it."""
+
+    regions: np.ndarray  # (F, H, W) bool
+    motion: list[str]  # per frame, what moved the region there from the last frame (MOTIONS; frame 0: "start")
+    added: bool = False  # the edit adds content over the source (then the region follows what it sits on)
+    ambiguous_from: int | None = None  # first frame whose motion the evidence did not settle
+
+    def summary(self) -> str:
+        """One line: what the region followed, in runs of frames."""
+        runs, start = [], 1
+        for t in range(2, len(self.motion) + 1):
+            if t == len(self.motion) or self.motion[t] != self.motion[start]:
+                runs.append(f"{self.motion[start]} (frames {start}-{t - 1})" if t - 1 > start else f"{self.motion[start]} (frame {start})")
+                start = t
+        what = {"static": "stays put", "camera": "moves with the camera", "object": "moves with its own pixels",
+                "on-object": "moves with the object it sits on"}
+        text = "; ".join(r.replace(r.split(" ")[0], what[r.split(" ")[0]], 1) for r in runs) if runs else "one frame"
+        return ("an addition — " if self.added else "") + text
+
+
+def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False, edited0: np.ndarray | None = None) -> np.ndarray:
+    """(F, H, W, 3) uint8 frames, (H, W) bool region in frame 0 → (F, H, W) bool, one region per frame
+    (see follow_region)."""
+    return follow_region(frames, region0, rigid, edited0).regions
+
+
+def follow_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False, edited0: np.ndarray | None = None) -> Followed:
+    """Follow a region of frame 0 through the video.
+
+    What moves the region is decided frame by frame from the evidence:
+      static / camera  the scene's motion (a still camera: none): by default, and whenever the
+                       region's own pixels give no better account of it — a patch over plain,
+                       textureless ground can only be seen to move with the scene, so it does
+      object           its own pixels, once they visibly move otherwise than the scene (they predict
+                       the next frame better than the scene's motion does, by a margin, and there is
+                       texture to tell); from then on it follows them
+      on-object        for an edit that adds content (edited0 given and edit_adds_content): the source
+                       pixels under the region are background, so it moves with the foreground it
+                       touches — pixels in and around it whose motion differs from the scene's
+    rigid=False: a region that moves with the scene is frame 0's region moved, less the pixels an
+    occluder covers (something moving in front that looks otherwise): it never shrinks without a
+    visible cause. A region that follows its own pixels is the visible region (pixels pulled along
+    the flow). An addition's region is its frame-0 shape moved with the object.
     rigid=True: the amodal region moved as a whole (for a user's box); may extend past the frame
     and come back.
     """
     F, H, W = frames.shape[:3]
     out = np.zeros((F, H, W), bool)
     out[0] = region0
+    added = edited0 is not None and not rigid and region0.any() and edit_adds_content(frames[0], edited0, region0)
+    result = Followed(out, ["start"], added)
     if F == 1 or not region0.any():
-        return out
+        result.motion += ["static"] * (F - 1)
+        return result
     fl = _Flow(frames)
     h, w = fl.h, fl.w
     xs, ys = _grid(h, w)
@@ -247,10 +413,12 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
     # warped afresh from frame 0 each time, so it neither erodes nor is lost when it leaves the
     # frame, however far
     C = np.eye(3)
+    C_alt = None  # where the scene alone would have taken it, once the motion is ambiguous
     a_frame = (small0 > 0.5).astype(np.float32)
     visible = small0
     rng = np.random.default_rng(0)
     last_M = None
+    own = False  # the region's own pixels have been seen to move by themselves
     for t in range(1, F):
         fwd, bwd = fl.pair(t)
         # forward-backward consistency of the backward flow: for p in frame t, p + bwd(p) in t-1
@@ -268,51 +436,81 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
         bwd_at = cv2.remap(bwd, bx, by, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         f_ok = np.hypot(fwd[..., 0] + bwd_at[..., 0], fwd[..., 1] + bwd_at[..., 1]) < np.maximum(1.0, 0.15 * np.hypot(fwd[..., 0], fwd[..., 1]))
 
-        # the region's motion t-1 → t, as a similarity transform in frame coordinates
-        # fitted on the region's inner pixels only: its border is where background gets mixed in
+        # the scene's (camera's) motion, from everything away from the region
+        a_bin = (a_frame > 0.5).astype(np.uint8)
+        away = cv2.dilate(a_bin, _ellipse(9)).astype(bool)
+        G, still = _scene_motion(fl.gray[t - 1], fl.gray[t], away)
+        scene_label = "static" if still else "camera"
+
         vb_in = (visible > 0.5).astype(np.uint8)
         core = cv2.erode(vb_in, _ellipse(2 * round(1 + 0.05 * np.sqrt(vb_in.sum())) + 1)).astype(bool)
         inner = core if core.sum() >= 20 else vb_in.astype(bool)
-        M = None
+        M, label = G, scene_label
         a_seen = float(a_frame.sum())
-        if vb_in.sum() >= max(20, 0.3 * a_seen):  # mostly hidden: its own motion is not to be trusted
-            # candidates for the region's motion: corners tracked by Lucas-Kanade (with their own
-            # forward-backward check; exact where dense flow is smoothed across the object's
-            # border or fails on fast motion), a fit to the dense flow, and the last motion
-            # (constant velocity). The one under which frame t-1's region best predicts frame t wins.
-            candidates = [_lk_motion(fl.gray[t - 1], fl.gray[t], inner)]
-            seen = inner & f_ok
-            if seen.sum() >= 20:
-                yy, xx = np.nonzero(seen)
+        # the region's own motion: mostly hidden, its pixels say nothing
+        M_own, s_own = (None, 0.0)
+        if vb_in.sum() >= max(20, 0.3 * a_seen):
+            M_own, s_own = _own_motion(fl, t, inner, fwd, f_ok, None if added else last_M, rng)
+        if rigid or (own and M_own is not None):
+            if M_own is not None:
+                M, label = M_own, "object"
+        elif M_own is not None and _moves_by_itself(fl, t, inner, M_own, s_own, G):
+            # the region moves by itself only on evidence: its own motion explains it better than
+            # the scene's, takes it somewhere else, and it has texture to tell
+            M, label = M_own, "object"
+            own = own or not added
+        if added:
+            # an addition moves with the foreground it touches: pixels in and around it that move
+            # unlike the source pixels under it (the background right behind it, so parallax does
+            # not count) and, in a still shot, unlike the scene (a moving camera's fit is no
+            # reference: parallax). With none such it follows its own pixels when they move by
+            # themselves (an addition on an object's surface, like glasses, has the object's
+            # pixels under it), else the scene.
+            size = np.sqrt(max(1.0, float(a_bin.sum())))
+            band = cv2.dilate(a_bin, _ellipse(2 * round(BAND * size) + 1)).astype(bool)
+            behind = M_own if M_own is not None else G
+            unlike_behind = np.linalg.norm(fwd - _motion_field(behind, xs, ys), axis=-1) > MOVING_PX
+            unlike_scene = np.linalg.norm(fwd - _motion_field(G, xs, ys), axis=-1) > MOVING_PX if still else True
+            textured = fl.textured(t - 1)
+            support = band & f_ok & textured & unlike_behind & unlike_scene
+            if support.sum() >= max(20, 0.05 * float((band & textured).sum())):
+                yy, xx = np.nonzero(support)
                 pick = rng.choice(len(xx), size=min(len(xx), 2000), replace=False)
                 src = np.stack([xx[pick], yy[pick]], 1).astype(np.float32)
-                candidates.append(_similarity(src, src + fwd[yy[pick], xx[pick]]))
-            candidates.append(last_M)
-            candidates = [c for c in candidates if c is not None]
-            scores = [_prediction_score(fl.gray[t - 1], fl.gray[t], inner, c) for c in candidates]
-            if not scores or max(scores) < 0.5:
-                # none explains the region well: search for it by template matching as well
-                c = _template_motion(fl.gray[t - 1], fl.gray[t], inner, last_M)
-                if c is not None:
-                    candidates.append(c)
-                    scores.append(_prediction_score(fl.gray[t - 1], fl.gray[t], inner, c))
-            if candidates:
-                best = int(np.argmax(scores))
-                if scores[best] >= MIN_PREDICTION:
-                    M = candidates[best]
-        if M is None:
-            # hidden or gone: move with the scene (the camera), the dominant motion of the frame
-            # outside the region — robust to an occluder that covers less than half of it
-            outside = ~(a_frame > 0.5)
-            M = _lk_motion(fl.gray[t - 1], fl.gray[t], outside)
-            if M is None:
-                M = _translation(np.median(fwd[f_ok], axis=0) if f_ok.sum() >= 20 else np.zeros(2, np.float32))
+                dst = src + fwd[yy[pick], xx[pick]]
+                fit, inl = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=1.5, maxIters=500, confidence=0.98)
+                lk = _lk_motion(fl.gray[t - 1], fl.gray[t], support)
+                M_obj = lk if lk is not None else _similarity(src, dst)
+                if M_obj is not None:
+                    M, label = M_obj, "on-object"
+                    if fit is None or inl is None or inl.mean() < SUPPORT_COHERENT:
+                        # what it touches does not move as one (two objects, or a deforming one)
+                        if result.ambiguous_from is None:
+                            result.ambiguous_from = t
+        if result.ambiguous_from is not None and C_alt is None:
+            C_alt = C.copy()
+        if C_alt is not None:
+            C_alt = np.vstack([G, [0, 0, 1]]) @ C_alt
         last_M = M
+        result.motion.append(label)
         C = np.vstack([M, [0, 0, 1]]) @ C
         a_frame = (cv2.warpAffine(small0, C[:2].astype(np.float32), (w, h), flags=cv2.INTER_LINEAR, borderValue=0) > 0.5).astype(np.float32)
 
-        if rigid:
+        if rigid or added:
             visible = a_frame.copy()
+            if C_alt is not None:
+                # the evidence did not settle where it went: cover both places
+                alt = cv2.warpAffine(small0, C_alt[:2].astype(np.float32), (w, h), flags=cv2.INTER_LINEAR, borderValue=0) > 0.5
+                visible = np.maximum(visible, alt.astype(np.float32))
+        elif not own:
+            # it moves with the scene: frame 0's region moved, less what an occluder covers — pixels
+            # that look otherwise than the region did and move otherwise than the scene
+            ref = cv2.warpAffine(fl.gray[0], C[:2].astype(np.float32), (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            back_scene = _motion_field(_inverse(G), xs, ys)
+            moving = np.linalg.norm(bwd - back_scene, axis=-1) > MOVING_PX
+            occluded = ~_patch_match(fl.gray[t], ref) & cv2.dilate(moving.astype(np.uint8), _ellipse(5)).astype(bool)
+            occluded = cv2.morphologyEx(occluded.astype(np.uint8), cv2.MORPH_OPEN, _ellipse(3)).astype(bool)
+            visible = ((a_frame > 0.5) & ~occluded).astype(np.float32)
         else:
             pulled = cv2.remap(visible, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
             pulled = np.where(consistent & inside, pulled, 0.0)
@@ -333,4 +531,4 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False) -
             vb = cv2.morphologyEx(vb, cv2.MORPH_CLOSE, _ellipse(5))
             visible = vb.astype(np.float32)
         out[t] = cv2.resize(visible, (W, H), interpolation=cv2.INTER_LINEAR) > 0.5
-    return out
+    return result

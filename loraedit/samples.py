@@ -62,3 +62,63 @@ def paste_disc(frames: np.ndarray, path, texture: np.ndarray) -> tuple[np.ndarra
         out[i, ya:yb, xa:xb][sub] = texture[ya - y0 : yb - y0, xa - x0 : xb - x0][sub]
         gt[i, ya:yb, xa:xb] = sub
     return out, gt
+
+
+def _noise(h: int, w: int, rng, sigma: float, lo, hi) -> np.ndarray:
+    """(h, w, 3) uint8 blurred noise between the colours lo and hi: a texture optical flow can hold on to."""
+    import cv2
+
+    n = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), sigma)
+    n = (n - n.min()) / max(1e-6, float(n.max() - n.min()))
+    lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+    return (lo + n[..., None] * (hi - lo)).astype(np.uint8)
+
+
+def head_with_hat(frames: int = 17, width: int = 384, height: int = 224, shift: float = 128, pan: float = 0.0,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A textured head on shoulders moving `shift` px to the right (bobbing a little) over a textured
+    background that the camera pans `pan` px, and the first frame edited to add a hat on the head.
+
+    → (frames (F, H, W, 3) uint8, edited first frame (H, W, 3), true hat region (F, H, W) bool): the
+    hat sits where the head takes it, most of it over background pixels of the source.
+    """
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    bg = _noise(height, width + int(abs(pan)) + 2, rng, 2.0, (40, 70, 40), (150, 190, 140))
+    skin = _noise(80, 70, rng, 1.5, (150, 100, 80), (235, 190, 160))
+    shirt = _noise(height, 120, rng, 1.5, (30, 30, 120), (120, 140, 230))
+    straw = _noise(60, 110, rng, 1.2, (150, 120, 50), (250, 225, 150))
+    hw, hh = 56, 68  # head ellipse
+    F = frames
+    out = np.zeros((F, height, width, 3), np.uint8)
+    truth = np.zeros((F, height, width), bool)
+    edited = None
+    for i in range(F):
+        s = i / max(1, F - 1)
+        ox = int(round(pan * s)) + (int(abs(pan)) if pan < 0 else 0)
+        f = bg[:, ox:ox + width].copy()
+        cx = int(round(width * 0.25 + shift * s))
+        cy = int(round(height * 0.48 + 6 * np.sin(2 * np.pi * s)))
+        # shoulders: a box below the head, moving with it
+        body = np.zeros((height, width), np.uint8)
+        cv2.rectangle(body, (cx - 55, cy + hh // 2 - 4), (cx + 55, height), 1, -1)
+        x0 = cx - 60
+        sx = slice(max(0, x0), min(width, x0 + 120))
+        f[:, sx][body[:, sx] > 0] = shirt[:, sx.start - x0:sx.stop - x0][body[:, sx] > 0]
+        head = np.zeros((height, width), np.uint8)
+        cv2.ellipse(head, (cx, cy), (hw // 2, hh // 2), 0, 0, 360, 1, -1)
+        ys, xs = np.nonzero(head)
+        f[ys, xs] = skin[ys - (cy - hh // 2) + 6, xs - (cx - hw // 2) + 7]
+        # the hat: a brim across the top of the head and a crown above it
+        hat = np.zeros((height, width), np.uint8)
+        top = cy - hh // 2
+        cv2.ellipse(hat, (cx, top + 8), (46, 8), 0, 0, 360, 1, -1)
+        cv2.rectangle(hat, (cx - 22, top - 24), (cx + 22, top + 6), 1, -1)
+        truth[i] = hat > 0
+        if i == 0:
+            edited = f.copy()
+            ys, xs = np.nonzero(hat)
+            edited[ys, xs] = straw[ys - (top - 30), xs - (cx - 55)]
+        out[i] = f
+    return out, edited, truth
