@@ -107,7 +107,9 @@ def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, 
         source = to_video_tensor(prepared["source"])
         first = to_video_tensor(prepared["first"][None])[0]
         region = torch.from_numpy(prepared["region"])
-        train_video, render_video, keep = condition_videos(source, first, region, args.mode)
+        # --mode auto: what prepare decided from the edit (plan.json records it and why)
+        mode = prepared["plan"].get("mode", "mask-aware") if args.mode == "auto" else args.mode
+        train_video, render_video, keep = condition_videos(source, first, region, mode)
         if "x0" not in out:
             out["x0"] = encode_video(pipe.vae, source).cpu()
         if "cond_train" not in out:

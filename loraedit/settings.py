@@ -209,8 +209,28 @@ def between(low, high) -> Callable[[Any], str | None]:
     return lambda v: None if low <= v <= high else f"must lie between {low} and {high}"
 
 
-def frame_count(v: int) -> str | None:
-    if v >= 1 and (v - 1) % 4 == 0:
+def frames_or_auto(value) -> int | str:
+    """--frames: a count, or 'auto' (as many as fit)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return integer(value)
+    except ValueError:
+        raise ValueError("write a frame count 4k+1 (e.g. 49) or auto") from None
+
+
+def start_point(value) -> str:
+    """--start: a frame number ('12') or seconds ('2.5s'), normalised ('2.50s' → '2.5s')."""
+    from loraedit.video import parse_start
+
+    try:
+        return str(parse_start(value))
+    except InputError:
+        raise ValueError("write a frame number (e.g. 12) or a time in seconds (e.g. 2.5s), 0 or more") from None
+
+
+def frame_count(v: int | str) -> str | None:
+    if v == "auto" or v >= 1 and (v - 1) % 4 == 0:
         return None
     return f"must be 4k+1 (e.g. 17, 33, 49, 81); nearest is {max(1, round((v - 1) / 4) * 4 + 1)}"
 
@@ -309,6 +329,9 @@ def _exists(value: str | None, what: str, fix: str) -> None:
 
 # ---------------------------------------------------------------- the stages' settings
 
+EDIT_MODES = ("auto", "mask-aware", "naive")
+_MODE_HELP = ("auto (default): mask-aware for a local edit, naive for a global one (a restyle, a grade; the decision is in "
+              "prepare/plan.json); mask-aware; naive: the paper's baseline with the stock first-frame mask")
 _MODEL_HELP = "Wan I2V model folder in diffusers layout (or a hub id, where there is network)"
 
 
@@ -321,10 +344,19 @@ class PrepareSettings(Settings):
     first_frame: str | None = setting(None, "the edited first frame (PNG/JPEG)", parse=path, group="inputs")
     ref: dict = setting({}, "edited later frame K (0 < K < frames) as an appearance reference; repeatable",
                         parse=refs, metavar="K=PATH", repeat=True, group="inputs")
-    frames: int = setting(49, "frames to edit, 4k+1 (default 49)", parse=integer, check=frame_count, group="inputs")
-    size: str | None = setting(None, "WIDTHxHEIGHT, multiples of 16 (default 832x480 or 480x832 by aspect)", parse=size, group="inputs")
-    start: int = setting(0, "first source frame to use (default 0)", parse=integer, check=at_least(0), group="inputs")
-    stride: int | None = setting(None, "use every N-th frame (default: spread evenly over the clip)", parse=integer, check=at_least(1), group="inputs")
+    frames: int | str = setting(49, "frames to edit, 4k+1 (default 49), or auto: as many as fit, up to 81", parse=frames_or_auto,
+                                check=frame_count, group="frames")
+    size: str | None = setting(None, "WIDTHxHEIGHT, multiples of 16 (default: the clip's aspect at the model's pixel budget: "
+                                     "832x480 for 16:9, 624x624 for a square clip)", parse=size, group="frames")
+    start: str = setting("0", "where to start: a source frame number (12) or a time in seconds (2.5s); default 0", parse=start_point,
+                         group="frames")
+    fps: float | None = setting(None, "frame rate to take the frames at (default: the model's, 16 for Wan2.1)", parse=number,
+                                check=above(0), group="frames")
+    stride: int | None = setting(None, "take every N-th source frame instead", parse=integer, check=at_least(1), group="frames")
+    spread: bool = setting(False, "spread the frames evenly over the rest of the clip instead (the motion then depends on its length)",
+                           parse=boolean, group="frames")
+    allow_cuts: bool = setting(False, "go on when the frames cross a scene cut", parse=boolean, group="frames", affects_result=False)
+    mode: str = setting("auto", _MODE_HELP, parse=choice(*EDIT_MODES), group="inputs")
     # the edit region (see loraedit/masks.py)
     mask: str | None = setting(None, "mask video, folder of PNG frames, or one PNG (white = edit region)", parse=path, group="edit region")
     masks: str | None = setting(None, "reuse the masks written by `loraedit masks --out DIR`, exactly", parse=path, metavar="DIR", group="edit region")
@@ -346,8 +378,10 @@ class PrepareSettings(Settings):
                                 parse=number, check=between(0, 1), group="edit region")
 
     def check(self) -> None:
+        if sum(v not in (None, False) for v in (self.fps, self.stride, self.spread)) > 1:
+            raise InputError("--fps, --stride and --spread each choose the frames; give one of them")
         for k in self.ref:
-            if not 1 <= k < self.frames:
+            if self.frames != "auto" and not 1 <= k < self.frames:
                 raise InputError(f"--ref {k}={self.ref[k]}: frame {k} is outside the clip's frames 1..{self.frames - 1} (frame 0 is --first-frame)")
 
     def check_files(self) -> None:
@@ -379,8 +413,7 @@ class TrainSettings(Settings):
 
     model: str | None = setting(None, _MODEL_HELP, parse=model_path, group="inputs")
     prompt: str = setting("", "what the edited video shows (optional)", group="inputs")
-    mode: str = setting("mask-aware", "mask-aware (default) or naive: the paper's baseline with the stock first-frame mask",
-                        parse=choice("mask-aware", "naive"), group="inputs")
+    mode: str = setting("auto", _MODE_HELP, parse=choice(*EDIT_MODES), group="inputs")
     steps: int = setting(100, "stage-1 steps on the video (default 100)", parse=integer, check=at_least(0))
     ref_steps: int = setting(100, "stage-2 steps on the references (default 100; only with --ref)", parse=integer, check=at_least(0))
     ref_video_every: int = setting(10, "stage 2: every N-th step trains on the video (default 10; 0: never)", parse=integer, check=at_least(0))

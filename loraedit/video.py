@@ -22,6 +22,9 @@ from loraedit.files import atomic_output
 
 LANDSCAPE = (832, 480)  # (width, height) of Wan's 480P bucket
 PORTRAIT = (480, 832)
+PIXEL_BUDGET_480P = 832 * 480  # pixels per frame the 480P models were trained at
+MODEL_FPS = 16.0  # Wan2.1's training frame rate, when the model folder does not say
+MAX_AUTO_FRAMES = 81  # --frames auto: at most the frame count Wan was trained on
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,149 @@ def _by_timestamp(t: np.ndarray, frames: int, start: int) -> list[int]:
     return [start + j for j in picked]
 
 
+# ------------------------------------------------------------------ which frames, at which rate
+
+
+@dataclass(frozen=True)
+class Start:
+    """--start: a source frame number ('12') or a time in seconds ('2.5s')."""
+
+    frame: int | None = None
+    seconds: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.seconds:g}s" if self.seconds is not None else str(self.frame or 0)
+
+
+def parse_start(value) -> Start:
+    """'2.5s' → 2.5 seconds; '12' or 12 → frame 12."""
+    if isinstance(value, Start):
+        return value
+    text = str(value if value is not None else 0).strip().lower()
+    try:
+        if text.endswith("s"):
+            seconds = float(text[:-1])
+            if seconds >= 0 and math.isfinite(seconds):
+                return Start(seconds=seconds)
+        elif float(text) == int(float(text)) and int(float(text)) >= 0:
+            return Start(frame=int(float(text)))
+    except ValueError:
+        pass
+    raise InputError(f"--start {value}: write a frame number (e.g. 12) or a time in seconds (e.g. 2.5s), 0 or more")
+
+
+@dataclass(frozen=True)
+class FrameChoice:
+    """The source frames to edit and the rate they play at."""
+
+    indices: list[int]
+    fps: float  # the rate of the selected frames: the result is written at it
+    rule: str  # how they were chosen: "model rate", "source rate", "--fps", "--stride", "--spread"
+    start_time: float  # source time of the first selected frame, seconds
+    fit: int  # how many frames this rule could take from the start (the most --frames could be)
+
+
+def source_times(info: VideoInfo) -> np.ndarray:
+    """Presentation time of every source frame (seconds from the first): the container's when it
+    gives them all, else frame number / frame rate."""
+    if info.times and len(info.times) == info.n_frames:
+        return np.asarray(info.times, np.float64)
+    return np.arange(info.n_frames, dtype=np.float64) / max(info.fps, 1e-9)
+
+
+def largest_valid_frames(n: int) -> int:
+    """The largest 4k+1 ≤ n (0 when n < 1)."""
+    return 0 if n < 1 else (n - 1) // 4 * 4 + 1
+
+
+def _start_index(start: Start, t: np.ndarray, info: VideoInfo) -> int:
+    if start.seconds is None:
+        i = start.frame or 0
+        if i >= info.n_frames:
+            raise InputError(f"{info.path}: --start {i} is past the clip's last frame ({info.n_frames - 1}); use a smaller --start")
+        return i
+    half = 0.5 / max(info.fps, 1e-9)
+    if start.seconds > t[-1] + half:
+        raise InputError(f"{info.path}: --start {start} is past the clip's end ({t[-1]:.2f} s); use a smaller --start")
+    return int(np.argmin(np.abs(t - start.seconds)))  # the frame shown at that time
+
+
+def choose_frames(info: VideoInfo, frames: int | None, start: Start | str | int = 0, *, fps: float | None = None,
+                  stride: int | None = None, spread: bool = False, model_fps: float = MODEL_FPS,
+                  max_auto: int = MAX_AUTO_FRAMES) -> FrameChoice:
+    """Which source frames to edit: `frames` of them (None = as many as fit, up to `max_auto`, 4k+1).
+
+    Default: resampled in time to `model_fps` (the rate the model was trained on) from `start`, so
+    motion between frames is what the model learned; a clip slower than that keeps its own frames.
+    `fps` overrides the rate; `stride` takes every N-th source frame; `spread` spreads the frames
+    evenly over the rest of the clip (the motion per frame then depends on the clip's length).
+    """
+    start = parse_start(start)
+    t = source_times(info)
+    s = _start_index(start, t, info)
+    src_fps = info.fps
+    if sum(x is not None and x is not False for x in (fps, stride, spread or None)) > 1:
+        raise InputError("--fps, --stride and --spread each choose the frames; give one of them")
+    if fps is not None and not (fps > 0 and math.isfinite(fps)):
+        raise InputError(f"--fps {fps}: must be a positive frame rate, e.g. 16")
+    if stride is not None and stride < 1:
+        raise InputError(f"--stride {stride}: must be at least 1")
+    available = info.n_frames - s
+
+    if spread:
+        fit = available
+        rule, rate_desc = "--spread", ""
+    elif stride is not None:
+        fit = (available - 1) // stride + 1
+        rule, rate_desc = "--stride", f" with --stride {stride}"
+    else:
+        rate = fps if fps is not None else model_fps
+        if src_fps <= rate * 1.01:
+            # a clip no faster than the rate: its own frames (repeating frames would add no motion)
+            rule, rate, fit = "source rate", src_fps, available
+        else:
+            rule = "--fps" if fps is not None else "model rate"
+            half = 0.5 / src_fps  # an instant within half a source frame of the end still has a frame
+            fit = int(math.floor((t[-1] + half - t[s]) * rate + 1e-9)) + 1
+        rate_desc = f" at {rate:g} fps"
+
+    n = frames
+    if n is None:
+        n = min(max_auto, largest_valid_frames(fit))
+        if n < 5:
+            raise InputError(f"{info.path}: only {fit} frames fit from --start {start}{rate_desc}; --frames auto needs at least 5 — "
+                             "use an earlier --start or a longer clip")
+    elif n > fit:
+        seconds = t[-1] - t[s] + 1.0 / src_fps
+        best = largest_valid_frames(fit)
+        fix = f"use --frames {best} (the largest valid) or --frames auto" if best >= 1 else "use an earlier --start"
+        raise InputError(f"{info.path}: {seconds:.2f} s from --start {start} holds {fit} frames{rate_desc}, fewer than --frames {n}; {fix}")
+
+    if spread:
+        indices = frame_indices(info.n_frames, n, s, None, path=info.path, times=info.times)
+        step = (indices[-1] - indices[0]) / max(1, n - 1) if n > 1 else 1.0
+        rate = src_fps / max(step, 1e-9)
+    elif stride is not None:
+        indices = list(range(s, s + (n - 1) * stride + 1, stride))
+        rate = src_fps / stride
+    elif rule == "source rate":
+        indices = list(range(s, s + n))
+    else:
+        indices = _nearest_frames(t, t[s] + np.arange(n) / rate, s)
+    return FrameChoice(indices, float(rate), rule, float(t[s]), int(fit))
+
+
+def _nearest_frames(t: np.ndarray, targets: np.ndarray, first: int) -> list[int]:
+    """The source frame nearest each target instant, strictly increasing from `first`."""
+    out: list[int] = []
+    for target in targets:
+        j = int(np.clip(np.searchsorted(t, target), 1, len(t) - 1))
+        j = j - 1 if abs(t[j - 1] - target) <= abs(t[j] - target) else j
+        j = max(j, out[-1] + 1 if out else first)
+        out.append(min(j, len(t) - 1))
+    return out
+
+
 def read_video_frames(path: str | Path, indices: list[int]) -> np.ndarray:
     """Decode the frames at `indices` (in decode order) → (N, H, W, 3) uint8 RGB."""
     wanted = sorted(set(indices))
@@ -181,9 +327,67 @@ def read_video_frames(path: str | Path, indices: list[int]) -> np.ndarray:
     return np.stack([found[j] for j in indices])
 
 
-def default_size(width: int, height: int) -> tuple[int, int]:
-    """Wan's 480P bucket matching the source's orientation."""
-    return LANDSCAPE if width >= height else PORTRAIT
+def iter_video_frames(path: str | Path, first: int, last: int, max_width: int | None = None):
+    """Yield (index, frame) for the source frames first..last in order, each (H, W, 3) uint8 RGB,
+    shrunk to at most `max_width` pixels wide (INTER_AREA) when given: a long run of frames
+    without holding them all at full size."""
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        rotation = None
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                if i > last:
+                    break
+                if i < first:
+                    continue
+                if rotation is None:
+                    rotation = _rotation(stream, frame)
+                img = _apply_rotation(frame.to_ndarray(format="rgb24"), rotation)
+                if max_width and img.shape[1] > max_width:
+                    h = max(1, round(img.shape[0] * max_width / img.shape[1]))
+                    img = cv2.resize(img, (max_width, h), interpolation=cv2.INTER_AREA)
+                yield i, img
+        except av.error.FFmpegError:
+            return  # a truncated file: what could be read
+
+
+def default_size(width: int, height: int, budget: int = PIXEL_BUDGET_480P) -> tuple[int, int]:
+    """The working size for a width×height clip: its own aspect ratio at about `budget` pixels,
+    both sides multiples of 16 (a square clip → 640×640). Footage within 3% of Wan's 832×480
+    bucket's aspect (16:9 and the like) gets exactly that bucket, the size the 480P models were
+    trained at; any other aspect keeps its shape rather than being centre-cropped to it."""
+    aspect = width / height
+    bucket = LANDSCAPE if width >= height else PORTRAIT
+    scale = math.sqrt(budget / PIXEL_BUDGET_480P)
+    bucket = (_multiple_of_16(bucket[0] * scale), _multiple_of_16(bucket[1] * scale))
+    if abs(bucket[0] / bucket[1] / aspect - 1) <= 0.03:
+        return bucket
+    return aspect_size(width, height, budget)
+
+
+def aspect_size(width: int, height: int, budget: int = PIXEL_BUDGET_480P) -> tuple[int, int]:
+    """Multiples of 16 with width×height's aspect ratio and about `budget` pixels."""
+    aspect = width / height
+    h = _multiple_of_16(math.sqrt(budget / aspect))
+    return _multiple_of_16(h * aspect), h
+
+
+def _multiple_of_16(x: float) -> int:
+    return max(16, int(round(x / 16)) * 16)
+
+
+def crop_window(src_w: int, src_h: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """The part (x0, y0, x1, y1) of a src_w×src_h frame that fit_to_size keeps at width×height."""
+    scale = max(width / src_w, height / src_h)
+    kw, kh = min(src_w, width / scale), min(src_h, height / scale)
+    x0, y0 = (src_w - kw) / 2, (src_h - kh) / 2
+    return int(round(x0)), int(round(y0)), int(round(x0 + kw)), int(round(y0 + kh))
+
+
+def crop_fraction(src_w: int, src_h: int, width: int, height: int) -> float:
+    """The fraction of the source frame that fitting it to width×height cuts away."""
+    x0, y0, x1, y1 = crop_window(src_w, src_h, width, height)
+    return 1.0 - (x1 - x0) * (y1 - y0) / (src_w * src_h)
 
 
 def parse_size(text: str) -> tuple[int, int]:
