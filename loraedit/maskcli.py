@@ -21,10 +21,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from loraedit import masks
+from loraedit import masks, prepare
 from loraedit.errors import InputError
 from loraedit.files import write_json
-from loraedit.video import default_size, fit_edited, fit_to_size, frame_indices, parse_size, probe_video, read_image, read_video_frames, write_png, write_video
+from loraedit.video import fit_edited, fit_to_size, probe_video, read_image, read_video_frames, write_png, write_video
 
 log = logging.getLogger("loraedit")
 
@@ -37,10 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--video", default=None, help="source video")
     p.add_argument("--first-frame", dest="first_frame", default=None, help="the edited first frame (needed for the automatic region)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--frames", type=int, default=49, help="frames to select, as `loraedit edit` (default 49)")
-    p.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default 832x480 or 480x832 by aspect)")
-    p.add_argument("--start", type=int, default=0, help="first source frame to use (default 0)")
-    p.add_argument("--stride", type=int, default=None, help="use every N-th frame (default: spread evenly over the clip)")
+    prepare.add_footage_arguments(p, cuts=False)  # the same frames and size as `loraedit edit`
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     masks.add_mask_arguments(p)
     p.set_defaults(func=run_masks)
@@ -82,14 +79,12 @@ def run_masks(args) -> int:
     opts = masks.mask_options_from_args(args)
     if opts.masks:
         raise InputError("--masks: `loraedit masks` makes masks; give --mask, --box or --first-frame instead")
-    if args.frames < 1:
-        raise InputError(f"--frames {args.frames}: must be at least 1")
     t0 = time.perf_counter()
     info = probe_video(args.video)
     if not opts.mask and not opts.boxes and not args.first_frame:
         raise InputError("--first-frame is required to find the edit region (or give the region with --box or --mask)")
-    width, height = parse_size(args.size) if args.size else default_size(info.width, info.height)
-    indices = frame_indices(info.n_frames, args.frames, args.start, args.stride, path=args.video, times=info.times)
+    choice, (width, height) = prepare.select(info, prepare.footage_from(args))
+    indices = choice.indices
     frames = np.stack([fit_to_size(f, width, height) for f in read_video_frames(args.video, indices)])
     if args.first_frame:
         first = fit_edited(read_image(args.first_frame), width, height, info.width, info.height, args.first_frame)
@@ -108,8 +103,7 @@ def run_masks(args) -> int:
         write_png(out / masks.MASKS_SUBDIR / f"{i:04d}.png", r.astype(np.uint8) * 255)
     for stale in sorted((out / masks.MASKS_SUBDIR).glob("*.png"))[len(regions):]:
         stale.unlink()
-    step = (indices[-1] - indices[0]) / max(1, len(indices) - 1) if len(indices) > 1 else 1.0
-    fps = info.fps / max(step, 1e-9)
+    fps = choice.fps
     write_video(out / "masks.mkv", regions.astype(np.uint8) * 255, fps, lossless=True)
     ov = overlay(frames, regions)
     write_video(out / "overlay.mp4", ov, fps)
