@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--video", default=None, help="source video")
     p.add_argument("--first-frame", dest="first_frame", default=None, help="the edited first frame (needed for the automatic region)")
     p.add_argument("--out", required=True, help="output folder")
-    prepare.add_footage_arguments(p, cuts=False)  # the same frames and size as `loraedit edit`
+    prepare.add_footage_arguments(p)  # the same frames and size as `loraedit edit`
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     masks.add_mask_arguments(p)
     p.set_defaults(func=run_masks)
@@ -83,7 +83,7 @@ def run_masks(args) -> int:
     info = probe_video(args.video)
     if not opts.mask and not opts.boxes and not args.first_frame:
         raise InputError("--first-frame is required to find the edit region (or give the region with --box or --mask)")
-    choice, (width, height) = prepare.select(info, prepare.footage_from(args))
+    choice, (width, height) = prepare.select(info, prepare.footage_of_arguments(args))
     indices = choice.indices
     frames = np.stack([fit_to_size(f, width, height) for f in read_video_frames(args.video, indices)])
     if args.first_frame:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from pathlib import Path
@@ -11,9 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from loraedit import masks, prepare
+from loraedit import prepare
 from loraedit.cli import main
 from loraedit.errors import InputError
+from loraedit.settings import PrepareSettings
 from loraedit.video import (VideoInfo, choose_frames, crop_fraction, default_size, parse_start, probe_video, read_image,
                             read_video_frames, write_png, write_video)
 
@@ -157,16 +157,7 @@ def moving_square_clip(folder: Path, fps: int, seconds: float, size=(96, 64)) ->
 
 
 def _args(video, first_frame, **kw):
-    ns = argparse.Namespace(video=str(video), first_frame=str(first_frame), frames=17, size=None, start="0", fps=None, stride=None,
-                            spread=False, allow_cuts=False, ref=None, mode="auto", model=None)
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    parser = argparse.ArgumentParser()
-    masks.add_mask_arguments(parser)
-    for k, v in vars(parser.parse_args([])).items():
-        if not hasattr(ns, k):
-            setattr(ns, k, v)
-    return ns
+    return PrepareSettings(**{"model": "unused", "video": str(video), "first_frame": str(first_frame), "frames": 17, **kw})
 
 
 def test_prepare_takes_a_60fps_clip_at_16fps_and_writes_at_that_rate(tmp_path):

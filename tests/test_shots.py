@@ -3,7 +3,6 @@ prepare refuses a selection across a cut in one line with a selection inside one
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from pathlib import Path
 
@@ -11,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from loraedit import masks, prepare, shots
+from loraedit import prepare, shots
 from loraedit.errors import InputError
+from loraedit.settings import PrepareSettings
 from loraedit.video import probe_video, read_video_frames, write_png, write_video
 
 ANYV2V = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "anyv2v-demo"
@@ -61,26 +61,18 @@ def test_a_hard_cut_in_a_30fps_clip_is_found_at_its_time_and_refused(tmp_path):
     assert [c.frame for c in cuts] == [45] and cuts[0].time == pytest.approx(1.5)
     # the fast pan inside each shot (6 px a frame over texture) is not a cut
     write_png(tmp_path / "edited.png", a[0])
-    ns = argparse.Namespace(video=str(tmp_path / "cut.mkv"), first_frame=str(tmp_path / "edited.png"), frames=49, size="128x96",
-                            start="0", fps=None, stride=None, spread=False, allow_cuts=False, ref=None, mode="auto", model=None)
-    parser = argparse.ArgumentParser()
-    masks.add_mask_arguments(parser)
-    for k, v in vars(parser.parse_args(["--box", "0,0,32,32"])).items():
-        setattr(ns, k, v)
+    ns = PrepareSettings(model="unused", video=str(tmp_path / "cut.mkv"), first_frame=str(tmp_path / "edited.png"), frames=49,
+                         size="128x96", box=["0,0,32,32"])
     with pytest.raises(InputError) as e:
         prepare.run(ns, tmp_path / "run")
     msg = str(e.value)
     assert "\n" not in msg and "scene cut at 1.50 s (frame 45)" in msg and "--allow-cuts" in msg
     # the suggestion is the longer shot, from its start, with as many frames as asked (3.5 s hold 49 at 16 fps)
     assert "--start 1.50s --frames 49" in msg
-    ns.start = "1.5s"
-    ns.first_frame = str(tmp_path / "edited_b.png")
     write_png(tmp_path / "edited_b.png", b[0])
-    plan = prepare.run(ns, tmp_path / "run")
+    plan = prepare.run(ns.replace(start="1.5s", first_frame=str(tmp_path / "edited_b.png")), tmp_path / "run")
     assert plan["indices"][0] == 45 and plan["cuts"] == []
-    ns.start, ns.allow_cuts = "0", True
-    ns.first_frame = str(tmp_path / "edited.png")
-    plan = prepare.run(ns, tmp_path / "run2")
+    plan = prepare.run(ns.replace(allow_cuts=True), tmp_path / "run2")
     assert [c["frame"] for c in plan["cuts"]] == [45]
 
 
