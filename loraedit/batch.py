@@ -267,11 +267,18 @@ def job_argv(job: Job, run_dir: Path, actions: dict[str, argparse.Action] | None
 
 
 def fingerprint(job: Job) -> str:
-    """What a finished job's result depends on: its settings and the bytes of its input files."""
-    from loraedit.manifest import input_hashes
+    """What a finished job's result depends on: its settings and the bytes of its input files (for
+    the model only its small config files: the weights are tens of GB)."""
+    from loraedit.files import sha256_path
 
     settings = dict(job.settings)
-    hashes = input_hashes(settings)
+    files = [settings.get(k) for k in PATH_KEYS if k != "model"]
+    files += [r.partition("=")[2] for r in settings.get("ref") or [] if isinstance(r, str)]
+    hashes = {str(f): sha256_path(f) for f in files if isinstance(f, str) and Path(f).exists()}
+    model = Path(str(settings.get("model", "")))
+    if model.is_dir():
+        hashes.update({str(p): sha256_path(p) for p in sorted(model.glob("*/*config.json")) + [model / "model_index.json"]
+                       if p.is_file()})
     blob = json.dumps({"settings": settings, "inputs": hashes}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
