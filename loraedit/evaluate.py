@@ -215,9 +215,12 @@ def deqa_score(path: str, frames: np.ndarray, device: str = "cpu", every: int = 
     if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise InputError(f"--deqa {path}: no such folder; give a local DeQA-Score model folder "
                          "(e.g. a download of zhiyuanyou/DeQA-Score-Mix3)")
+    import transformers
+
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else path, trust_remote_code=True,
-                                                 attn_implementation="eager", torch_dtype=dtype).to(device).eval()
+                                                 attn_implementation="eager", **{dtype_arg: dtype}).to(device).eval()
     with torch.no_grad():
         scores = model.score([Image.fromarray(f) for f in frames[::every]])
     return float(torch.as_tensor(scores, dtype=torch.float32).mean())

@@ -99,6 +99,59 @@ def test_eval_command_on_videos_with_and_without_clip(world_clip, tiny_clip, tmp
     assert "--like RUN" in capsys.readouterr().err
 
 
+DEQA_STANDIN = '''
+"""Stands in for DeQA-Score's remote code: score(list of PIL images) -> one score (1-5) per image."""
+import numpy as np
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+class StandInConfig(PretrainedConfig):
+    model_type = "deqa_standin"
+
+
+class StandIn(PreTrainedModel):
+    config_class = StandInConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.scale = torch.nn.Parameter(torch.ones(1))
+        self.post_init()
+
+    def score(self, images):  # brighter = "better": 1 + 4 * mean brightness
+        return torch.stack([1 + 4 * self.scale[0] * float(np.asarray(im, np.float32).mean() / 255) for im in images])
+'''
+
+
+def test_deqa_is_loaded_as_remote_code_and_averaged_over_frames(world_clip, tmp_path):
+    """The real DeQA-Score is a 7B transformers remote-code model; a stand-in with its interface,
+    saved the way such a folder is (config.json with auto_map, the module, safetensors)."""
+    import importlib
+    import sys
+
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "deqa_standin.py").write_text(DEQA_STANDIN)
+    sys.path.insert(0, str(tmp_path / "code"))
+    try:
+        mod = importlib.import_module("deqa_standin")
+        cfg = mod.StandInConfig(auto_map={"AutoConfig": "deqa_standin.StandInConfig",
+                                          "AutoModelForCausalLM": "deqa_standin.StandIn"})
+        folder = tmp_path / "deqa"
+        mod.StandIn(cfg).save_pretrained(folder)
+    finally:
+        sys.path.remove(str(tmp_path / "code"))
+        sys.modules.pop("deqa_standin", None)
+    (folder / "deqa_standin.py").write_text(DEQA_STANDIN)
+    c = world_clip
+    out = tmp_path / "result.mkv"
+    write_video(out, c.truth, c.fps, lossless=True)
+    table = tmp_path / "t.md"
+    assert main(["eval", str(out), "--source", str(out), "--deqa", str(folder), "--table", str(table)]) == 0
+    row = table.read_text().splitlines()[2].split("|")
+    expected = 1 + 4 * c.truth.astype(np.float32).mean() / 255
+    assert "DeQA" in table.read_text() and float(row[2]) == pytest.approx(expected, abs=2e-3)
+
+
 def test_on_the_toy_world_eval_ranks_truth_naive_and_no_lora_as_the_ground_truth_does(world_clip, tmp_path, capsys):
     """Through `loraedit batch` (variants: no LoRA, naive LoRA) and `loraedit eval`: where the world's
     truth says one result keeps the background / frame 0 / motion better than another, eval's
