@@ -3,11 +3,17 @@ small synthetic clip with its edited first frame, mask and an edited later frame
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
+import os
 
-torch.set_num_threads(2)
+# before torch loads OpenMP: sleeping, not spinning, worker threads (see loraedit/__init__.py), so the
+# suite does not crawl when anything else runs on a small machine; a value set by the caller is kept
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
