@@ -5,22 +5,28 @@
 
     run = "runs/jacket"
     api.prepare(run, PrepareSettings(model=MODEL, video="in.mp4", first_frame="edited.png", frames=49))
-    api.train(run, TrainSettings(steps=100))                  # the model comes from the run's record
+    api.train(run, TrainSettings(steps=100))                # the model comes from the run's record
     out = api.render(run, RenderSettings(seed=3))           # → Path of the new render folder
-    # or all three, resuming whatever was done already:
+    # or all three, doing only what is not done yet:
     api.edit(run, PrepareSettings(...), TrainSettings(...), RenderSettings(...))
 
-The command line (loraedit/cli.py) and the batch runner and web UI call these same functions.
+The command line (loraedit/cli.py), the batch runner and the web UI call these same functions.
 A bad setting or input raises loraedit.errors.InputError (a one-line message naming the fix).
-Settings left at None that the run has recorded (the model, above) are taken from the run.
+A setting left at None that the run has recorded (the model, above) is taken from the run.
+
+Each stage checks its record (loraedit/runstate.py) first: equal inputs → reused; changed inputs
+→ redone where nothing trained is lost, refused where the trained LoRA would no longer match
+(pass restart=True, `--restart`, to discard it). One command works on a run folder at a time.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
+from loraedit import runstate
 from loraedit.errors import InputError
 from loraedit.files import read_json, write_json
 from loraedit.settings import PrepareSettings, RenderSettings, Settings, TrainSettings
@@ -28,45 +34,39 @@ from loraedit.settings import PrepareSettings, RenderSettings, Settings, TrainSe
 log = logging.getLogger("loraedit")
 
 STAGE_OF = {PrepareSettings: "prepare", TrainSettings: "train", RenderSettings: "render"}
+LORA_FILE = Path("lora") / "pytorch_lora_weights.safetensors"
+
+
+# ---------------------------------------------------------------- the run's recorded settings (job.json)
 
 
 def recorded_settings(run_dir: str | Path, cls: type[Settings]) -> dict:
-    """The settings of stage `cls` that the run folder last recorded (job.json), or {}."""
+    """The settings of stage `cls` that the run folder last used (job.json), or {}."""
     job = Path(run_dir) / "job.json"
     if not job.is_file():
         return {}
     data = read_json(job)
-    stage = STAGE_OF[cls]
-    if isinstance(data.get(stage), dict):
-        return data[stage]
-    if "prepare" not in data and "train" not in data:  # the flat job.json of earlier versions
-        return data
-    return {}
+    return data.get(STAGE_OF[cls]) or {} if isinstance(data, dict) else {}
 
 
 def _record_settings(run_dir: Path, s: Settings) -> None:
     job = run_dir / "job.json"
     data = read_json(job) if job.is_file() else {}
-    if not any(k in data for k in STAGE_OF.values()):
-        data = {}
+    data = {k: v for k, v in data.items() if k in STAGE_OF.values()}
     data[STAGE_OF[type(s)]] = s.to_dict()
     write_json(job, data)
 
 
 def _with_run_model(run_dir: Path, s: Settings) -> Settings:
-    """A setting the caller left at None (the model) is the run's."""
+    """A model the caller left at None is the run's."""
     if getattr(s, "model", None) is None:
         for cls in (TrainSettings, PrepareSettings):
             model = recorded_settings(run_dir, cls).get("model")
             if model:
                 return s.replace(model=model)
+    if getattr(s, "model", None) is None:
+        raise InputError("--model is required: a Wan I2V folder in diffusers layout")
     return s
-
-
-def _loaded_libraries() -> None:
-    from loraedit.cli import quiet_libraries
-
-    quiet_libraries()
 
 
 def _check_model(model: str) -> str:
@@ -75,23 +75,105 @@ def _check_model(model: str) -> str:
     return check_model(model)
 
 
-# ---------------------------------------------------------------- the stages
+def _loaded_libraries() -> None:
+    from loraedit.cli import quiet_libraries
+
+    quiet_libraries()
 
 
-def prepare(run_dir: str | Path, s: PrepareSettings) -> dict:
+def _no_model(settings: dict) -> dict:
+    """Settings for a record: the model is recorded by identity (its contents), not by path."""
+    return {k: v for k, v in settings.items() if k != "model"}
+
+
+def _discard_training(run_dir: Path, why: str) -> None:
+    """--restart: remove the trained LoRA and its checkpoints (renders stay, each with its record)."""
+    from loraedit import manifest
+
+    gone = [p for p in (run_dir / "train", run_dir / "lora") if p.exists()]
+    if not gone:
+        return
+    for p in gone:
+        shutil.rmtree(p)
+    manifest.discard(run_dir, "train", why)
+    log.info("--restart: discarded %s (%s)", ", ".join(str(p) for p in gone), why)
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def _prepare_inputs(s: PrepareSettings) -> dict:
+    files = {"video": s.video, "first_frame": s.first_frame, "mask": s.mask, "masks": s.masks}
+    files.update({f"ref {k}": p for k, p in s.ref.items()})
+    return runstate.file_hashes(files)
+
+
+def _training_uses_first_frame(model: str, refs: bool, ref_steps: int) -> bool:
+    """Stage 2 conditions the references on the edited first frame's CLIP embedding (Wan2.1 only)."""
+    if not refs or ref_steps <= 0:
+        return False
+    from loraedit import family
+
+    return not Path(model).is_dir() or family.detect(model).has_clip
+
+
+def _trained_from(hashes: dict, model: str, ref_steps: int) -> dict:
+    """The parts of a prepared run that training learns from."""
+    out = {k: hashes[k] for k in ("frames", "region", "refs", "geometry")}
+    if _training_uses_first_frame(model, bool(hashes["refs"]), ref_steps):
+        out["first_frame"] = hashes["first_frame"]
+    return out
+
+
+def prepare(run_dir: str | Path, s: PrepareSettings, restart: bool = False) -> dict:
     """Frames, edited first frame, references and edit regions → RUN/prepare; returns the plan."""
     from loraedit import manifest
     from loraedit import prepare as stage
 
     run_dir = Path(run_dir)
-    s.check_files()
-    s = s.replace(model=_check_model(s.model))
-    t0 = time.perf_counter()
-    plan = stage.run(s, run_dir)
-    _record_settings(run_dir, s)
-    manifest.update(run_dir, "prepare", {"seconds": time.perf_counter() - t0, "plan": plan}, s.to_dict())
-    log.info("prepared %d frames at %dx%d in %s", plan["frames"], plan["width"], plan["height"], run_dir / "prepare")
-    return plan
+    with runstate.run_lock(run_dir, "prepare"):
+        s.check_files()
+        s = s.replace(model=_check_model(s.model))
+        record = {"settings": _no_model(s.result_dict()), "inputs": _prepare_inputs(s)}
+        rec_file = run_dir / "prepare" / "record.json"
+        if rec_file.is_file() and (run_dir / "prepare" / "plan.json").is_file():
+            old = read_json(rec_file)
+            if not runstate.differences({k: old.get(k) for k in record}, record):
+                log.info("prepare: inputs and settings unchanged; reusing %s", run_dir / "prepare")
+                _record_settings(run_dir, s)
+                return read_json(run_dir / "prepare" / "plan.json")
+        t0 = time.perf_counter()
+        staging = run_dir / ".prepare-new"
+        shutil.rmtree(staging, ignore_errors=True)
+        plan = stage.run(s, staging)
+        hashes = runstate.prepared_hashes(stage.load(staging))
+        trained = run_dir / "train" / "record.json"
+        if trained.is_file() or (run_dir / LORA_FILE).is_file():
+            old = read_json(trained) if trained.is_file() else {"inputs": {}}
+            new = _trained_from(hashes, s.model, old.get("settings", {}).get("ref_steps", 1))
+            was = {k: v for k, v in old.get("inputs", {}).items() if k in new}
+            changed = runstate.differences(was, new)
+            if changed and not restart:
+                shutil.rmtree(staging, ignore_errors=True)
+                what = runstate.describe_changes({"inputs": was}, {"inputs": new})
+                raise InputError(f"{run_dir}: the LoRA there was trained on other prepared inputs ({what}); "
+                                 "use a new --out, or --restart to discard the trained LoRA and train again")
+            if changed:
+                _discard_training(run_dir, f"prepared inputs changed: {runstate.describe_changes({'inputs': was}, {'inputs': new})}")
+        old_dir = run_dir / ".prepare-old"
+        shutil.rmtree(old_dir, ignore_errors=True)
+        if (run_dir / "prepare").exists():
+            (run_dir / "prepare").rename(old_dir)
+        (staging / "prepare").rename(run_dir / "prepare")
+        shutil.rmtree(old_dir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        record["made"] = hashes
+        write_json(run_dir / "prepare" / "record.json", record)  # last: marks prepare/ complete
+        _record_settings(run_dir, s)
+        manifest.update(run_dir, "prepare", {"seconds": time.perf_counter() - t0, "plan": plan}, s.to_dict(),
+                        inputs=dict(record["inputs"], made=hashes))
+        log.info("prepared %d frames at %dx%d in %s", plan["frames"], plan["width"], plan["height"], run_dir / "prepare")
+        return plan
 
 
 def _prepared(run_dir: Path) -> dict:
@@ -102,99 +184,201 @@ def _prepared(run_dir: Path) -> dict:
     return stage.load(run_dir)
 
 
-def _encode_settings(model: str, train: TrainSettings, render: RenderSettings | None):
-    """What the encode stage needs from the training and render settings."""
+# ---------------------------------------------------------------- encode (part of train and render)
+
+
+def _encode(run_dir: Path, es, prepared: dict, hashes: dict, device):
+    """The encodings of `prepared` with `es`, from the cache file named by their inputs' hash, or made now."""
+    from safetensors.torch import load_file
+
+    from loraedit import encode
+
+    key = runstate.sha256_json([hashes, encode.cache_inputs(es)])[:16]
+    path = run_dir / "cache" / f"encoded-{key}.safetensors"
+    reuse = None
+    base = runstate.sha256_json([{k: hashes[k] for k in ("frames", "region", "refs", "geometry")}, es.model, es.mode])
+    if not path.is_file():
+        # a cache of the same frames, regions and references (another first frame or prompt):
+        # what does not depend on those is copied, not encoded again
+        for other in sorted((run_dir / "cache").glob("encoded-*.safetensors")):
+            if encode.cache_metadata(other).get("base") == base:
+                reuse = load_file(str(other))
+                break
+    t0 = time.perf_counter()
+    made = not path.is_file()
+    cache = encode.run(es, path, prepared, device, reuse=reuse, key=key, base=base)
+    return cache, key, (time.perf_counter() - t0) if made else None
+
+
+def _encode_settings(model: str, train: TrainSettings, negative_prompt: str | None):
     from loraedit.encode import EncodeSettings
 
-    return EncodeSettings(model=model, prompt=train.prompt, mode=train.mode,
-                          negative_prompt=None if render is None else render.negative_prompt)
+    return EncodeSettings(model=model, prompt=train.prompt, mode=train.mode, negative_prompt=negative_prompt)
+
+
+# ---------------------------------------------------------------- train
+
+
+def _train_record(s: TrainSettings, hashes: dict) -> dict:
+    inputs = _trained_from(hashes, s.model, s.ref_steps)
+    inputs["model"] = runstate.model_identity(s.model)
+    return {"settings": _no_model(s.result_dict()), "inputs": inputs}
+
+
+def _refuse_changed_training(run_dir: Path, old: dict, new: dict) -> None:
+    what = runstate.describe_changes(old, new)
+    state = "was trained" if (run_dir / LORA_FILE).is_file() else "is partly trained"
+    hint = ""
+    changed = runstate.differences(old, new)
+    if changed == ["settings.seed"]:
+        hint = "; to render with another seed, use `loraedit render --seed N`"
+    raise InputError(f"{run_dir}: the LoRA there {state} with other inputs ({what}); use a new --out, or --restart "
+                     f"to discard the trained LoRA and train again{hint}")
 
 
 def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress: bool = True) -> dict:
     """Encode (cached) and train the LoRA of a prepared run; returns the training figures."""
     run_dir = Path(run_dir)
-    s = _with_run_model(run_dir, s)
-    s.check_files()
-    from loraedit import encode, manifest
-    from loraedit import train as stage
-    from loraedit.models import resolve_device
+    with runstate.run_lock(run_dir, "train"):
+        s = _with_run_model(run_dir, s)
+        s.check_files()
+        from loraedit import manifest
+        from loraedit import train as stage
+        from loraedit.models import resolve_device
 
-    _loaded_libraries()
-    s = s.replace(model=_check_model(s.model))
+        _loaded_libraries()
+        s = s.replace(model=_check_model(s.model))
+        device = resolve_device(s.device)
+        prepared = _prepared(run_dir)
+        hashes = runstate.prepared_hashes(prepared)
+        record = _train_record(s, hashes)
+        rec_file = run_dir / "train" / "record.json"
+        old = read_json(rec_file) if rec_file.is_file() else None
+        leftovers = (run_dir / LORA_FILE).is_file() or (run_dir / "train" / "checkpoints").is_dir()
+        if restart:
+            _discard_training(run_dir, "--restart")
+        elif old is not None and runstate.differences({k: old.get(k) for k in record}, record):
+            _refuse_changed_training(run_dir, old, record)
+        elif old is None and leftovers:
+            raise InputError(f"{run_dir}: holds a LoRA or checkpoints without a record of how they were trained; "
+                             "use a new --out, or --restart to discard them and train again")
+        write_json(rec_file, record)  # before the first step: a resume is checked against it
+        negative = recorded_settings(run_dir, RenderSettings).get("negative_prompt")
+        cache, key, seconds = _encode(run_dir, _encode_settings(s.model, s, negative), prepared, hashes, device)
+        if seconds is not None:
+            manifest.update(run_dir, "encode", {"seconds": seconds, "cache": f"cache/encoded-{key}.safetensors"},
+                            _encode_settings(s.model, s, negative).__dict__)
+        figures = stage.run(s, run_dir, cache, device, progress=progress)
+        if figures.get("reused"):
+            return figures
+        _record_settings(run_dir, s)
+        manifest.update(run_dir, "train", figures, s.to_dict(), inputs=record["inputs"])
+        return figures
+
+
+# ---------------------------------------------------------------- render
+
+
+def _render_plan(run_dir: Path, s: RenderSettings) -> tuple[dict, dict, object, dict]:
+    """(prepared, hashes, encode settings, the render's record) for rendering `s` now."""
+    from loraedit.files import sha256_file
+    from loraedit.video import fit_edited, read_image
+
     prepared = _prepared(run_dir)
-    device = resolve_device(s.device)
-    render = RenderSettings.from_values(recorded_settings(run_dir, RenderSettings)) if recorded_settings(run_dir, RenderSettings) else None
-    t0 = time.perf_counter()
-    cache = encode.run(_encode_settings(s.model, s, render), run_dir / "cache" / "encoded.safetensors", prepared, device)
-    manifest.update(run_dir, "encode", {"seconds": time.perf_counter() - t0}, s.to_dict())
-    figures = stage.run(s, run_dir, cache, device, progress=progress)
-    _record_settings(run_dir, s)
-    manifest.update(run_dir, "train", figures, s.to_dict())
-    return figures
+    train_rec_file = run_dir / "train" / "record.json"
+    train_rec = read_json(train_rec_file) if train_rec_file.is_file() else None
+    trained = TrainSettings.from_values(dict(recorded_settings(run_dir, TrainSettings), model=s.model))
+    if train_rec is not None:
+        have = runstate.model_identity(s.model)
+        if train_rec["inputs"].get("model") != have:
+            was = recorded_settings(run_dir, TrainSettings).get("model")
+            raise InputError(f"--model {s.model}: the run's LoRA was trained on another model ({was}); "
+                             "render with that model, or train a new run on this one")
+    if s.first_frame:
+        # another edited first frame: same frames and regions, new condition and image embedding
+        plan = prepared["plan"]
+        new_first = fit_edited(read_image(s.first_frame), plan["width"], plan["height"],
+                               plan["source_width"], plan["source_height"], s.first_frame)
+        _warn_beyond_region(prepared, new_first, s.first_frame)
+        prepared["first"] = new_first
+    hashes = runstate.prepared_hashes(prepared)
+    es = _encode_settings(s.model, trained, s.negative_prompt)
+    lora = run_dir / LORA_FILE
+    from loraedit import encode
+
+    record = _no_model(s.result_dict())
+    record.update(first_frame=hashes["first_frame"], encoding=runstate.sha256_json([hashes, encode.cache_inputs(es)])[:16],
+                  lora=sha256_file(lora) if lora.is_file() else None, model=runstate.model_identity(s.model))
+    return prepared, hashes, es, record
+
+
+def _warn_beyond_region(prepared: dict, first, path: str) -> None:
+    """Only the trained region is generated: an edit in another first frame outside it is lost."""
+    from loraedit import region
+
+    try:
+        changed = region.find_edit_region(prepared["source"][0], first, where=path)
+    except InputError:
+        return
+    outside = changed & ~prepared["region"][0]
+    if outside.sum() > 0.05 * max(1, changed.sum()):
+        log.warning("%s: %.0f%% of its edit lies outside the region the LoRA was trained on; only that region is "
+                    "generated, so the rest of the edit is lost — prepare and train a new run with this first frame",
+                    path, 100.0 * outside.sum() / changed.sum())
 
 
 def render(run_dir: str | Path, s: RenderSettings, name: str | None = None, progress: bool = True) -> Path:
     """Render the trained run with `s` into a new folder of the run (render, render-2, …, or `name`)."""
     run_dir = Path(run_dir)
-    s = _with_run_model(run_dir, s)
-    s.check_files()
-    from safetensors.torch import load_file
+    with runstate.run_lock(run_dir, "render"):
+        s = _with_run_model(run_dir, s)
+        s.check_files()
+        from loraedit import manifest
+        from loraedit import render as stage
+        from loraedit.models import resolve_device
 
-    from loraedit import encode, manifest
-    from loraedit import render as stage
-    from loraedit.files import sha256_file
-    from loraedit.models import resolve_device
-    from loraedit.video import fit_edited, read_image
-
-    _loaded_libraries()
-    s = s.replace(model=_check_model(s.model))
-    prepared = _prepared(run_dir)
-    device = resolve_device(s.device)
-    trained = TrainSettings.from_values(recorded_settings(run_dir, TrainSettings))
-    cache_file = run_dir / "cache" / "encoded.safetensors"
-    reuse = None
-    if s.first_frame:
-        # another edited first frame: same frames and regions, new condition and image embedding
-        plan = prepared["plan"]
-        prepared["first"] = fit_edited(read_image(s.first_frame), plan["width"], plan["height"],
-                                       plan["source_width"], plan["source_height"], s.first_frame)
-        prepared["plan"] = dict(plan, first_frame_sha256=sha256_file(s.first_frame))
-        if cache_file.is_file():
-            reuse = load_file(str(cache_file))
-        cache_file = run_dir / "cache" / f"encoded-{prepared['plan']['first_frame_sha256'][:12]}.safetensors"
-    cache = encode.run(_encode_settings(s.model, trained, s), cache_file, prepared, device, reuse=reuse)
-    out_dir = stage.output_dir(run_dir, name)
-    source_video = recorded_settings(run_dir, PrepareSettings).get("video")
-    figures = stage.run(s, run_dir, prepared, cache, device, out_dir, progress=progress, source_video=source_video,
-                        prompt=trained.prompt)
-    _record_settings(run_dir, s.replace(first_frame=None))
-    manifest.update(run_dir, out_dir.name, figures, s.to_dict())
-    log.info("wrote %s", out_dir / "edited.mp4")
-    return out_dir
+        _loaded_libraries()
+        s = s.replace(model=_check_model(s.model))
+        device = resolve_device(s.device)
+        prepared, hashes, es, record = _render_plan(run_dir, s)
+        out_dir = stage.output_dir(run_dir, name)
+        if (out_dir / "settings.json").is_file():
+            if read_json(out_dir / "settings.json") == record:
+                log.info("already rendered with these settings: %s", out_dir / "edited.mp4")
+                return out_dir
+            raise InputError(f"{out_dir}: holds a render with other settings; choose another --name (renders are never overwritten)")
+        cache, key, _ = _encode(run_dir, es, prepared, hashes, device)
+        source_video = recorded_settings(run_dir, PrepareSettings).get("video")
+        figures = stage.run(s, run_dir, prepared, cache, device, out_dir, progress=progress, source_video=source_video,
+                            record=record)
+        manifest.update(run_dir, out_dir.name, dict(figures, cache=f"cache/encoded-{key}.safetensors"), s.to_dict(),
+                        inputs={k: record[k] for k in ("first_frame", "lora", "encoding", "model")})
+        _record_settings(run_dir, s.replace(first_frame=None))
+        log.info("wrote %s", out_dir / "edited.mp4")
+        return out_dir
 
 
 def edit(run_dir: str | Path, prep: PrepareSettings, tr: TrainSettings, rend: RenderSettings,
          restart: bool = False, progress: bool = True) -> Path:
     """prepare → train → render; a rerun does only what is not done yet. Returns the render folder."""
-    from loraedit import render as stage
-
     run_dir = Path(run_dir)
-    if tr.model is None:
-        tr = tr.replace(model=prep.model)
-    if rend.model is None:
-        rend = rend.replace(model=prep.model)
-    prepare(run_dir, prep)
-    train(run_dir, tr, restart=restart, progress=progress)
-    # a rerun of an interrupted edit finishes render/; a rerun of a finished one with the same
-    # settings has nothing left to do; with other render settings it renders beside the first
-    prepared = _prepared(run_dir)
-    want = stage.render_settings(rend, run_dir, prepared, tr.prompt)
-    for done in sorted(run_dir.glob("render*/settings.json")):
-        if read_json(done) == want:
-            log.info("already rendered with these settings: %s", done.parent / "edited.mp4")
-            return done.parent
-    first = run_dir / "render"
-    return render(run_dir, rend, name=None if (first / "settings.json").is_file() else "render", progress=progress)
+    with runstate.run_lock(run_dir, "edit"):
+        if tr.model is None:
+            tr = tr.replace(model=prep.model)
+        if rend.model is None:
+            rend = rend.replace(model=prep.model)
+        prepare(run_dir, prep, restart=restart)
+        train(run_dir, tr, restart=restart, progress=progress)
+        # a rerun of an interrupted edit finishes render/; a rerun of a finished one with the same
+        # settings has nothing left to do; with other settings (or a new LoRA) it renders beside the others
+        rend = rend.replace(model=_check_model(rend.model), first_frame=None)
+        _, _, _, want = _render_plan(run_dir, rend)
+        for done in sorted(run_dir.glob("render*/settings.json")):
+            if read_json(done) == want:
+                log.info("already rendered with these settings: %s", done.parent / "edited.mp4")
+                return done.parent
+        first = run_dir / "render"
+        return render(run_dir, rend, name=None if (first / "settings.json").is_file() else "render", progress=progress)
 
 
 __all__ = ["prepare", "train", "render", "edit", "recorded_settings", "PrepareSettings", "TrainSettings", "RenderSettings"]

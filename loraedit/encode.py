@@ -14,8 +14,6 @@ the transformer. Keys (B = 1):
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,17 +65,18 @@ class EncodeSettings:
         return method.WAN_NEGATIVE_PROMPT if self.negative_prompt is None else self.negative_prompt
 
 
-def cache_key(plan: dict, args: EncodeSettings) -> str:
-    """What the cache depends on; a change of any of these re-encodes."""
-    parts = [plan, str(args.model), args.prompt, args.negative, args.mode]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def cache_inputs(args: EncodeSettings) -> dict:
+    """The settings the encodings depend on (with the prepared frames' hashes they name the cache file)."""
+    return {"model": str(args.model), "prompt": args.prompt, "negative_prompt": args.negative, "mode": args.mode}
+
+
+def cache_metadata(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
 
 
 def cached(path: Path, key: str) -> bool:
-    if not path.is_file():
-        return False
-    with safe_open(str(path), "pt") as f:
-        return (f.metadata() or {}).get("key") == key
+    return path.is_file() and cache_metadata(path).get("key") == key
 
 
 # what does not depend on the edited first frame (or the prompt), so a re-render with another
@@ -85,13 +84,15 @@ def cached(path: Path, key: str) -> bool:
 FIRST_FRAME_FREE = ("x0", "cond_train", "image_train")
 
 
-def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, reuse: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, reuse: dict[str, torch.Tensor] | None = None,
+        key: str = "", base: str = "") -> dict[str, torch.Tensor]:
     """Encode everything for `prepared` into `path`, or read it back if it is already there.
 
-    reuse: an existing cache of the same frames and regions; its first-frame-free entries are
-    copied rather than encoded again (a re-render with another edited first frame).
+    path is named by the hash of everything encoded into it (the caller's `key`), so a file that
+    exists holds exactly these encodings. reuse: an existing cache of the same frames, regions and
+    references (`base` names that); its first-frame-free entries are copied rather than encoded
+    again (a re-render with another edited first frame).
     """
-    key = cache_key(prepared["plan"], args)
     if cached(path, key):
         return load_file(str(path))
     out = {k: v for k, v in (reuse or {}).items() if k in FIRST_FRAME_FREE or k.startswith("ref.")}
@@ -124,5 +125,5 @@ def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, 
     del pipe
     release_memory()
     with atomic_output(path) as tmp:
-        save_file({k: v.contiguous() for k, v in out.items()}, str(tmp), metadata={"key": key})
+        save_file({k: v.contiguous() for k, v in out.items()}, str(tmp), metadata={"key": key, "base": base})
     return out

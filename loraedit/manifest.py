@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -46,13 +47,28 @@ def input_hashes(settings: dict) -> dict[str, str]:
     return out
 
 
-def update(run_dir: Path, stage: str, figures: dict, settings: dict) -> None:
-    """Record what `stage` (or one render) was made with; other stages' records stay as they are."""
+def update(run_dir: Path, stage: str, figures: dict, settings: dict, inputs: dict | None = None) -> None:
+    """Record what `stage` (or one render) was made with; other stages' records stay as they are.
+
+    inputs: the content hashes the stage was made from (default: those of the files `settings` names).
+    """
     path = run_dir / "manifest.json"
     m = read_json(path) if path.is_file() else {}
-    m.pop("settings", None)  # the single top-level record of earlier versions described only the last command
-    m.pop("seed", None)
-    m.pop("inputs", None)
+    for old in ("settings", "seed", "inputs"):  # the top-level record of earlier versions: only the last command's
+        m.pop(old, None)
     m["versions"] = versions()
-    m.setdefault("stages", {})[stage] = dict(figures, settings=settings, inputs=input_hashes(settings))
+    m.setdefault("stages", {})[stage] = dict(figures, settings=settings, inputs=input_hashes(settings) if inputs is None else inputs,
+                                             finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_json(path, m)
+
+
+def discard(run_dir: Path, stage: str, why: str) -> None:
+    """--restart: the stage's record moves to `discarded` (renders made from it still point to it)."""
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        return
+    m = read_json(path)
+    rec = m.get("stages", {}).pop(stage, None)
+    if rec is not None:
+        m.setdefault("discarded", []).append(dict(rec, stage=stage, discarded=time.strftime("%Y-%m-%dT%H:%M:%S%z"), why=why))
+        write_json(path, m)

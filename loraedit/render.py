@@ -65,18 +65,6 @@ def contact_sheet(rows: list[np.ndarray], n: int = 6, tile_width: int = 320) -> 
     return np.concatenate(tiles, axis=0)
 
 
-def render_settings(s: RenderSettings, run_dir: Path, prepared: dict, prompt: str) -> dict:
-    """Everything a render's result depends on (its trained LoRA included)."""
-    from loraedit.files import sha256_file
-
-    lora = run_dir / "lora" / "pytorch_lora_weights.safetensors"
-    out = s.result_dict()
-    out.pop("model", None)
-    out.update(prompt=prompt, first_frame=prepared["plan"].get("first_frame_sha256", "prepared"),
-               lora=sha256_file(lora) if lora.is_file() else None)
-    return out
-
-
 def output_dir(run_dir: Path, name: str | None) -> Path:
     """render/ for the first render; render-2, render-3 … after, so no result is overwritten."""
     if name:
@@ -88,7 +76,9 @@ def output_dir(run_dir: Path, name: str | None) -> Path:
 
 
 def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, torch.Tensor], device: torch.device, out_dir: Path,
-        progress=None, source_video: str | None = None, prompt: str = "") -> dict:
+        progress=None, source_video: str | None = None, record: dict | None = None) -> dict:
+    """Sample, decode and write the render into `out_dir`; `record` (what it is made from) goes to
+    settings.json, written last so its presence marks a complete render."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -134,6 +124,6 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
     write_video(out_dir / "edited.mp4", frames, fps, audio_from=audio)
     write_video(out_dir / "side_by_side.mp4", np.concatenate([source, frames], axis=2), fps)
     write_png(out_dir / "contact_sheet.png", contact_sheet([source, frames]))
-    write_json(out_dir / "settings.json", render_settings(args, run_dir, prepared, prompt))  # last: marks it complete
+    write_json(out_dir / "settings.json", record if record is not None else args.to_dict())  # last: marks it complete
     return {"seconds": time.perf_counter() - t0, "peak_memory_gb": peak, "dir": str(out_dir), "seed": args.seed,
             "steps": args.render_steps, "guidance": args.guidance, "shift": args.shift}

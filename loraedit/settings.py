@@ -438,6 +438,26 @@ class TrainSettings(Settings):
     def check_files(self) -> None:
         if self.model is None:
             raise InputError("--model is required: a Wan I2V folder in diffusers layout")
+        names = linear_layer_names(self.model)
+        if names and not any(re.fullmatch(self.lora_targets, n) for n in names):
+            raise InputError(f"--lora-targets {self.lora_targets}: matches none of the model's {len(names)} linear layers "
+                             f"(e.g. {names[0]}); fix the regular expression (it must match a whole layer name)")
+
+
+def linear_layer_names(model: str) -> list[str]:
+    """Names of the transformer's 2-D weight layers, read from the safetensors headers (no torch, no
+    weights read); [] where the folder has none (a hub id)."""
+    import json
+    import struct
+
+    names = []
+    for f in sorted(Path(model).glob("transformer*/*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        names += [k[: -len(".weight")] for k, v in header.items()
+                  if k.endswith(".weight") and isinstance(v, dict) and len(v.get("shape", ())) == 2]
+    return sorted(set(names))
 
 
 @dataclass(frozen=True)

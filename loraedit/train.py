@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraedit import method
-from loraedit.files import atomic_output, read_json, write_json
+from loraedit.errors import InputError
+from loraedit.files import atomic_output, read_json, sha256_file, write_json
 from loraedit.settings import TrainSettings
 from loraedit.models import memory_mode, add_lora, load_transformer, lora_parameters, peak_memory_gb, release_memory, save_lora
 
@@ -156,7 +158,7 @@ def run(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tensor], devi
     done_file = train_dir / "done.json"
     if done_file.is_file() and read_json(done_file).get("total") == total and (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file():
         log.info("training already finished (%d steps); reusing lora/", total)
-        return read_json(done_file)
+        return dict(read_json(done_file), reused=True)
     if total == 0:
         return {"total": 0, "seconds": 0.0}
 
@@ -195,6 +197,13 @@ def run(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tensor], devi
         sigma = method.sample_sigma(1, args.timesteps, g, shift=args.train_shift)
         noise = torch.randn(x0.shape, generator=g).to(device)
         loss = training_step(transformer, optimizer, x0, cond, text, image, sigma.to(device), noise, args.grad_clip)
+        if not math.isfinite(loss):
+            bar.close()
+            # stop at once: the LoRA is now non-finite too; the checkpoints on disk are all from finite steps
+            last = latest_checkpoint(ckpt_dir)
+            kept = f"the last good checkpoint ({last.name}) is kept" if last is not None else "no checkpoint was saved before it"
+            raise InputError(f"training diverged at step {step + 1}: the loss is {loss} (not finite); {kept}; lower --lr "
+                             f"(now {args.lr:g}; try {args.lr / 10:g}) and run again with --restart")
         losses.append(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", stage=1 if step < args.steps else 2)
@@ -205,7 +214,7 @@ def run(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tensor], devi
             write_losses(train_dir, losses, sample_names(step + 1, args, ref_keys), args.steps)
     bar.close()
     seconds = time.perf_counter() - t0
-    save_lora(transformer, run_dir / "lora", args.rank, args.alpha, args.lora_targets)
+    saved = save_lora(transformer, run_dir / "lora", args.rank, args.alpha, args.lora_targets)
     peak = peak_memory_gb(device)
     del transformer, optimizer, params, samples
     release_memory()
@@ -214,5 +223,6 @@ def run(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tensor], devi
         "seconds": seconds, "seconds_per_step": seconds / max(1, total - start), "memory_mode": memory,
         "peak_memory_gb": peak, "final_loss": losses[-1] if losses else None,
     }
+    result["lora_sha256"] = {name: sha256_file(path) for name, path in saved.items()}
     write_json(done_file, result)
     return result

@@ -41,7 +41,9 @@ def test_edit_writes_every_output(trained_run):
     assert m["stages"]["train"]["settings"]["steps"] == 4 and m["stages"]["prepare"]["settings"]["mask_style"] == "bbox"
     assert m["stages"]["render"]["settings"]["seed"] == 0
     assert m["stages"]["train"]["total"] == 6 and m["stages"]["train"]["seconds"] > 0
-    assert {"video", "first_frame", "mask", "ref 8", "model/model_index.json"} <= set(m["stages"]["prepare"]["inputs"])
+    assert {"video", "first_frame", "mask", "ref 8"} <= set(m["stages"]["prepare"]["inputs"])
+    assert {"frames", "region", "refs", "first_frame", "model"} <= set(m["stages"]["train"]["inputs"])
+    assert m["stages"]["render"]["inputs"]["lora"] == m["stages"]["train"]["lora_sha256"]["diffusers"]
     assert m["versions"]["diffusers"] and m["versions"]["torch"]
     lines = (out / "train" / "losses.csv").read_text().splitlines()
     assert lines[0] == "step,stage,sample,loss" and len(lines) == 7
@@ -102,9 +104,9 @@ def test_render_with_another_first_frame(trained_run, clip, tmp_path):
     assert main(["render", "--out", str(trained_run), "--first-frame", str(tmp_path / "green.png"), "--name", "green", "-q"]) == 0
     from safetensors.torch import load_file
 
-    first = load_file(str(trained_run / "cache" / "encoded.safetensors"))
-    [green_file] = (trained_run / "cache").glob("encoded-*.safetensors")
-    green = load_file(str(green_file))
+    m = json.loads((trained_run / "manifest.json").read_text())
+    first = load_file(str(trained_run / m["stages"]["render"]["cache"]))
+    green = load_file(str(trained_run / m["stages"]["green"]["cache"]))
     # a new condition for frame 0 (and a new CLIP embedding) under the same keep mask
     assert (green["cond_render"][:, 4:, 0] - first["cond_render"][:, 4:, 0]).abs().max() > 1e-3
     assert torch.equal(green["cond_render"][:, :4], first["cond_render"][:, :4])
@@ -121,8 +123,9 @@ def test_naive_mode_conditions_on_the_first_frame_only(tiny_model, clip, tmp_pat
 
     assert main(edit_argv(tiny_model, clip, tmp_path / "naive", "--mode", "naive", "--steps", "1")) == 0
     assert main(edit_argv(tiny_model, clip, tmp_path / "aware", "--steps", "1")) == 0
-    naive = load_file(str(tmp_path / "naive" / "cache" / "encoded.safetensors"))
-    aware = load_file(str(tmp_path / "aware" / "cache" / "encoded.safetensors"))
+    [naive_file] = (tmp_path / "naive" / "cache").glob("encoded-*.safetensors")
+    [aware_file] = (tmp_path / "aware" / "cache").glob("encoded-*.safetensors")
+    naive, aware = load_file(str(naive_file)), load_file(str(aware_file))
     assert naive["cond_train"][0, :4, 1:].sum() == 0  # stock mask: nothing kept after frame 0
     assert aware["cond_train"][0, :4, 1:].mean() > 0.3  # mask-aware: the background is kept
     assert torch.equal(naive["x0"], aware["x0"])

@@ -1,0 +1,213 @@
+"""What each part of a run folder was made from, and one command per run folder at a time.
+
+Every stage writes a record of its inputs (content hashes) and the settings it used:
+
+    prepare/record.json    the user's files (video, first frame, references, masks) and the prepare
+                           settings → hashes of what it wrote (frames, regions, references, first frame)
+    train/record.json      what the LoRA learns from: the prepared frames, regions, references (and
+                           the first frame where stage 2 uses its image embedding), the model, the
+                           prompt, every training setting. Written before the first step, so a resume
+                           is checked against it.
+    cache/encoded-KEY.safetensors   keyed by the hash of everything encoded into it
+    RENDER/settings.json   the render's settings, the LoRA's and first frame's hashes, the encoding
+
+A rerun compares a stage's new record with the one on disk and then reuses the stage (equal),
+redoes it where nothing trained is lost (a new render, a new encoding, new prepared frames before
+any training), or refuses in one line naming what changed (a trained LoRA whose inputs changed:
+use a new --out, or --restart to discard it explicitly). Nothing is reused silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from loraedit.errors import InputError
+from loraedit.files import read_json, sha256_file
+
+LOCK_NAME = ".lock"
+
+
+# ---------------------------------------------------------------- content hashes
+
+
+def sha256_bytes(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(hashlib.sha256(p).digest())
+    return h.hexdigest()
+
+
+def sha256_json(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def array_hash(a) -> str:
+    """Hash of a numpy array's shape, dtype and contents."""
+    import numpy as np
+
+    a = np.ascontiguousarray(a)
+    return sha256_bytes(str(a.shape).encode(), str(a.dtype).encode(), a.tobytes())
+
+
+def prepared_hashes(prepared: dict) -> dict:
+    """Hashes of a prepared run's contents (as loaded by prepare.load): what later stages are made from."""
+    plan = prepared["plan"]
+    return {
+        "frames": array_hash(prepared["source"]),
+        "region": array_hash(prepared["region"]),
+        "first_frame": array_hash(prepared["first"]),
+        "refs": {str(k): array_hash(v) for k, v in sorted(prepared["refs"].items())},
+        "geometry": {k: plan.get(k) for k in ("frames", "width", "height", "indices")},
+    }
+
+
+def model_identity(model: str) -> dict:
+    """What identifies a model folder without reading tens of GB: its configs' hashes and its weight
+    files' names and sizes (a hub id stands for itself)."""
+    p = Path(model)
+    if not p.is_dir():
+        return {"id": model}
+    configs = {str(c.relative_to(p)): sha256_file(c) for c in sorted(p.glob("*/*.json")) + [p / "model_index.json"] if c.is_file()}
+    weights = {str(w.relative_to(p)): w.stat().st_size for w in sorted(p.glob("transformer*/*.safetensors"))}
+    return {"configs": sha256_json(configs), "transformer_weights": sha256_json(weights)}
+
+
+def file_hashes(paths: dict[str, str | None]) -> dict[str, str]:
+    """sha256 of each named input file (a folder: of every file in it, names included)."""
+    from loraedit.files import sha256_path
+
+    return {name: sha256_path(p) for name, p in paths.items() if p and Path(p).exists()}
+
+
+# ---------------------------------------------------------------- comparing records
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Names of the entries that differ between two records ('lr', 'inputs.region', …)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        name = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, name + ".")
+        elif a != b:
+            out.append(name)
+    return out
+
+
+def describe_changes(old: dict, new: dict) -> str:
+    """'--lr 0.0001 → 0.0005, the edit region' for a one-line message."""
+    parts = []
+    settings_old, settings_new = old.get("settings", {}), new.get("settings", {})
+    for k in differences(settings_old, settings_new):
+        key = k.split(".")[0]
+        a, b = settings_old.get(key), settings_new.get(key)
+        shown = f"{a} → {b}" if len(repr(a)) + len(repr(b)) < 60 else "changed"
+        parts.append(f"--{key.replace('_', '-')} {shown}")
+    names = {"frames": "the source frames", "region": "the edit region", "first_frame": "the edited first frame",
+             "refs": "the reference images", "geometry": "the frame selection or size", "model": "the model"}
+    seen = []
+    for k in differences(old.get("inputs", {}), new.get("inputs", {})):
+        key = k.split(".")[0]
+        label = names.get(key, key)
+        if label not in seen:
+            seen.append(label)
+    return ", ".join(dict.fromkeys(parts + seen))
+
+
+# ---------------------------------------------------------------- one command per run folder
+
+
+_held: dict[str, int] = {}
+_held_guard = threading.Lock()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, command: str):
+    """Hold RUN/.lock (pid, host, command) while a command works on the run folder.
+
+    A second command refuses in one line; a lock left by a dead process on this host is taken
+    over. Re-entrant within one process (edit → prepare → train → render).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
+    with _held_guard:
+        if key in _held:
+            _held[key] += 1
+            reentrant = True
+        else:
+            reentrant = False
+    if reentrant:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held[key] -= 1
+        return
+    lock = run_dir / LOCK_NAME
+    host = socket.gethostname()
+    me = {"pid": os.getpid(), "host": host, "command": command, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = read_json(lock)
+            except (OSError, ValueError):
+                holder = {}  # being written this instant, or empty after a crash mid-write
+                if time.time() - _mtime(lock) < 5:
+                    time.sleep(0.2)
+                    continue
+            if holder.get("host") == host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]) or not holder:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock)  # stale: its process is gone
+                continue
+            where = f"pid {holder.get('pid')} on {holder.get('host')}"
+            raise InputError(f"{run_dir}: is in use by another loraedit command ({holder.get('command', '?')}, {where}, since "
+                             f"{holder.get('since', '?')}); wait for it to finish, or use another --out"
+                             + (f" (if that process is gone, delete {lock})" if holder.get("host") != host else ""))
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            break
+    else:
+        raise InputError(f"{lock}: could not take the run folder's lock; delete the file if no loraedit command is running")
+    with _held_guard:
+        _held[key] = 1
+    try:
+        yield
+    finally:
+        with _held_guard:
+            _held.pop(key, None)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def is_disk_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
