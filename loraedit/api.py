@@ -155,7 +155,9 @@ def prepare(run_dir: str | Path, s: PrepareSettings, restart: bool = False) -> d
             changed = runstate.differences(was, new)
             if changed and not restart:
                 shutil.rmtree(staging, ignore_errors=True)
-                what = runstate.describe_changes({"inputs": was}, {"inputs": new})
+                before = read_json(rec_file) if rec_file.is_file() else {}
+                what = ", ".join(x for x in (runstate.describe_changes({k: before.get(k, {}) for k in ("settings", "inputs")}, record),
+                                             runstate.describe_changes({"inputs": was}, {"inputs": new})) if x)
                 raise InputError(f"{run_dir}: the LoRA there was trained on other prepared inputs ({what}); "
                                  "use a new --out, or --restart to discard the trained LoRA and train again")
             if changed:

@@ -113,11 +113,12 @@ def describe_changes(old: dict, new: dict) -> str:
         shown = f"{a} → {b}" if len(repr(a)) + len(repr(b)) < 60 else "changed"
         parts.append(f"--{key.replace('_', '-')} {shown}")
     names = {"frames": "the source frames", "region": "the edit region", "first_frame": "the edited first frame",
-             "refs": "the reference images", "geometry": "the frame selection or size", "model": "the model"}
+             "refs": "the reference images", "geometry": "the frame selection or size", "model": "the model",
+             "video": "the video's contents", "mask": "the mask file's contents", "masks": "the masks folder's contents"}
     seen = []
     for k in differences(old.get("inputs", {}), new.get("inputs", {})):
         key = k.split(".")[0]
-        label = names.get(key, key)
+        label = names.get(key) or (f"reference {key.split()[1]}'s contents" if key.startswith("ref ") else key)
         if label not in seen:
             seen.append(label)
     return ", ".join(dict.fromkeys(parts + seen))

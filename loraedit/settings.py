@@ -475,8 +475,10 @@ class RenderSettings(Settings):
                               group="rendering")
     composite: bool = setting(False, "paste the source back outside the (feathered) edit region", parse=boolean, group="rendering")
     feather: int = setting(8, "--composite: blend band in pixels (default 8)", parse=integer, check=at_least(0), group="rendering")
+    # the render's numbers depend on the precision it samples in, so another mode is another render
+    # (and any mode can render a LoRA trained in any mode)
     memory: str = setting("auto", "base weights: fp32 (CPU default), bf16 (GPU default), fp8 (stored in float8, lowest memory)",
-                          parse=choice(*MEMORY_MODES), group="resources", affects_result=False)
+                          parse=choice(*MEMORY_MODES), group="resources")
     device: str = setting("auto", "auto (default), cuda, cuda:N or cpu", parse=device, group="resources", affects_result=False)
 
     def check_files(self) -> None:
