@@ -125,8 +125,13 @@ def _trained_from(hashes: dict, model: str, ref_steps: int) -> dict:
     return out
 
 
-def prepare(run_dir: str | Path, s: PrepareSettings, restart: bool = False) -> dict:
-    """Frames, edited first frame, references and edit regions → RUN/prepare; returns the plan."""
+def prepare(run_dir: str | Path, s: PrepareSettings, restart: bool = False, then_train: TrainSettings | None = None) -> dict:
+    """Frames, edited first frame, references and edit regions → RUN/prepare; returns the plan.
+
+    A prepared run whose LoRA is trained is replaced only where the LoRA's inputs stay the same
+    (else InputError; restart=True discards the LoRA). then_train: the training settings that
+    will follow (edit), checked against the trained LoRA before anything is replaced.
+    """
     from loraedit import manifest
     from loraedit import prepare as stage
 
@@ -150,14 +155,16 @@ def prepare(run_dir: str | Path, s: PrepareSettings, restart: bool = False) -> d
         trained = run_dir / "train" / "record.json"
         if trained.is_file() or (run_dir / LORA_FILE).is_file():
             old = read_json(trained) if trained.is_file() else {"inputs": {}}
+            before = read_json(rec_file) if rec_file.is_file() else {}
+            prepare_changes = runstate.describe_changes({k: before.get(k, {}) for k in ("settings", "inputs")}, record)
+            if then_train is not None and trained.is_file() and not restart:
+                _check_training(run_dir, old, _train_record(then_train.replace(model=s.model), hashes), staging, prepare_changes)
             new = _trained_from(hashes, s.model, old.get("settings", {}).get("ref_steps", 1))
             was = {k: v for k, v in old.get("inputs", {}).items() if k in new}
             changed = runstate.differences(was, new)
             if changed and not restart:
                 shutil.rmtree(staging, ignore_errors=True)
-                before = read_json(rec_file) if rec_file.is_file() else {}
-                what = ", ".join(x for x in (runstate.describe_changes({k: before.get(k, {}) for k in ("settings", "inputs")}, record),
-                                             runstate.describe_changes({"inputs": was}, {"inputs": new})) if x)
+                what = ", ".join(x for x in (prepare_changes, runstate.describe_changes({"inputs": was}, {"inputs": new})) if x)
                 raise InputError(f"{run_dir}: the LoRA there was trained on other prepared inputs ({what}); "
                                  "use a new --out, or --restart to discard the trained LoRA and train again")
             if changed:
@@ -227,8 +234,16 @@ def _train_record(s: TrainSettings, hashes: dict) -> dict:
     return {"settings": _no_model(s.result_dict()), "inputs": inputs}
 
 
-def _refuse_changed_training(run_dir: Path, old: dict, new: dict) -> None:
-    what = runstate.describe_changes(old, new)
+def _check_training(run_dir: Path, old: dict, new: dict, staging: Path | None = None, because: str = "") -> None:
+    """InputError if the trained (or partly trained) LoRA's record differs from `new`."""
+    if runstate.differences({k: old.get(k) for k in new}, new):
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        _refuse_changed_training(run_dir, old, new, because)
+
+
+def _refuse_changed_training(run_dir: Path, old: dict, new: dict, because: str = "") -> None:
+    what = ", ".join(dict.fromkeys(x for x in (because, runstate.describe_changes(old, new)) if x))
     state = "was trained" if (run_dir / LORA_FILE).is_file() else "is partly trained"
     hint = ""
     changed = runstate.differences(old, new)
@@ -259,8 +274,8 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
         leftovers = (run_dir / LORA_FILE).is_file() or (run_dir / "train" / "checkpoints").is_dir()
         if restart:
             _discard_training(run_dir, "--restart")
-        elif old is not None and runstate.differences({k: old.get(k) for k in record}, record):
-            _refuse_changed_training(run_dir, old, record)
+        elif old is not None:
+            _check_training(run_dir, old, record)
         elif old is None and leftovers:
             raise InputError(f"{run_dir}: holds a LoRA or checkpoints without a record of how they were trained; "
                              "use a new --out, or --restart to discard them and train again")
@@ -369,7 +384,7 @@ def edit(run_dir: str | Path, prep: PrepareSettings, tr: TrainSettings, rend: Re
             tr = tr.replace(model=prep.model)
         if rend.model is None:
             rend = rend.replace(model=prep.model)
-        prepare(run_dir, prep, restart=restart)
+        prepare(run_dir, prep, restart=restart, then_train=tr)
         train(run_dir, tr, restart=restart, progress=progress)
         # a rerun of an interrupted edit finishes render/; a rerun of a finished one with the same
         # settings has nothing left to do; with other settings (or a new LoRA) it renders beside the others

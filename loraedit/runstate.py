@@ -65,7 +65,8 @@ def prepared_hashes(prepared: dict) -> dict:
         "region": array_hash(prepared["region"]),
         "first_frame": array_hash(prepared["first"]),
         "refs": {str(k): array_hash(v) for k, v in sorted(prepared["refs"].items())},
-        "geometry": {k: plan.get(k) for k in ("frames", "width", "height", "indices")},
+        # the frame selection and size, and how the edit is conditioned (--mode auto decides in prepare)
+        "geometry": {k: plan.get(k) for k in ("frames", "width", "height", "indices", "mode")},
     }
 
 
@@ -113,7 +114,7 @@ def describe_changes(old: dict, new: dict) -> str:
         shown = f"{a} → {b}" if len(repr(a)) + len(repr(b)) < 60 else "changed"
         parts.append(f"--{key.replace('_', '-')} {shown}")
     names = {"frames": "the source frames", "region": "the edit region", "first_frame": "the edited first frame",
-             "refs": "the reference images", "geometry": "the frame selection or size", "model": "the model",
+             "refs": "the reference images", "geometry": "the frame selection, size or mode", "model": "the model",
              "video": "the video's contents", "mask": "the mask file's contents", "masks": "the masks folder's contents"}
     seen = []
     for k in differences(old.get("inputs", {}), new.get("inputs", {})):
