@@ -6,7 +6,8 @@ DIR/masks/NNNN.png      one mask per selected frame (white = edit), at the worki
 DIR/masks.mkv           the same masks as a lossless (FFV1) video
 DIR/overlay.mp4         the frames with the region tinted and outlined (H.264, to watch)
 DIR/contact_sheet.png   a grid of overlay frames with their numbers
-DIR/masks.json          what was selected (frames, size, source indices) — written last, so its
+DIR/masks.json          what was selected (frames, size, source indices), the shots and scene cuts over them, and what
+                        moved the region in each frame — written last, so its
                         presence marks a complete folder; `loraedit edit --masks DIR` checks it
 It takes the same frame-selection and size flags as `loraedit edit`, so the masks line up with the
 frames `edit` trains on.
@@ -21,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from loraedit import masks, prepare
+from loraedit import masks, prepare, shots
 from loraedit.errors import InputError
 from loraedit.files import write_json
 from loraedit.video import fit_edited, fit_to_size, probe_video, read_image, read_video_frames, write_png, write_video
@@ -91,6 +92,11 @@ def run_masks(args) -> int:
     else:
         first = frames[0]
     t1 = time.perf_counter()
+    cuts = shots.report(args.video, indices, info)
+    if cuts["cuts"]:
+        log.warning("%s: the selected frames span %d shots (scene cuts at %s); a region cannot be followed across a cut — "
+                    "check the contact sheet, or choose --start/--frames inside one shot", args.video, len(cuts["shots"]),
+                    ", ".join(f"{c['time']:.2f} s (frame {c['selected']})" for c in cuts["cuts"]))
     motion: dict = {}
     regions = masks.edit_regions(frames, first, opts, indices, info.n_frames, report=motion)
     t2 = time.perf_counter()
@@ -113,7 +119,7 @@ def run_masks(args) -> int:
         "frames": len(indices), "width": width, "height": height, "indices": indices, "source_frames": info.n_frames,
         "video": str(args.video), "first_frame": str(args.first_frame) if args.first_frame else None, "fps": fps,
         "mask_style": opts.style, "segmenter": opts.segmenter, "source": "masks" if opts.mask else "box" if opts.boxes else "automatic",
-        "region_fraction": float(regions.mean()), **motion, "region_fraction_per_frame": [round(float(r.mean()), 4) for r in regions],
+        "region_fraction": float(regions.mean()), **motion, **cuts, "region_fraction_per_frame": [round(float(r.mean()), 4) for r in regions],
         "seconds": {"read": round(t1 - t0, 2), "regions": round(t2 - t1, 2), "write": round(t3 - t2, 2)},
     })
     if not getattr(args, "quiet", False):
