@@ -236,12 +236,13 @@ def _box_region(boxes, H: int, W: int) -> np.ndarray:
 
 
 def edit_regions(frames: np.ndarray, first_frame: np.ndarray, opts: MaskOptions, indices: list[int], n_source: int,
-                 report: dict | None = None) -> np.ndarray:
+                 report: dict | None = None, cuts: list[int] = ()) -> np.ndarray:
     """The edit region of every selected frame, (F, H, W) bool, True = edit.
 
     report: when given, filled with what moved a followed region in each frame ("motion", one of
     region.MOTIONS per frame), whether the edit adds content ("added") and the first frame whose
     motion was ambiguous ("ambiguous_from").
+    cuts: positions (0..F-1) of frames that start a new shot; a followed region is held there.
     """
     _check_options(opts)
     F, H, W = frames.shape[:3]
@@ -265,7 +266,7 @@ def edit_regions(frames: np.ndarray, first_frame: np.ndarray, opts: MaskOptions,
 
             regions = sam2seg.segment(frames, region0, opts)
         else:
-            followed = _region.follow_region(frames, region0, rigid=rigid, edited0=None if rigid else first_frame)
+            followed = _region.follow_region(frames, region0, rigid=rigid, edited0=None if rigid else first_frame, cuts=cuts)
             regions = followed.regions
             _say_motion(followed, where)
             if report is not None:

@@ -251,7 +251,7 @@ ADDED_CORR = 0.4  # the edit's fine structure correlating less than this with th
 ADDED_STD = 2.0  # grey levels: an edit with less fine structure than this adds nothing (a recolour)
 SUPPORT_COHERENT = 0.5  # the object under an addition must move as one: this share fits one motion
 BAND = 0.2  # what an addition touches: within this share of its size (square root of its area)
-MOTIONS = ("static", "camera", "object", "on-object")
+MOTIONS = ("static", "camera", "object", "on-object", "cut")
 
 
 def edit_adds_content(source0: np.ndarray, edited0: np.ndarray, region0: np.ndarray) -> bool:
@@ -380,7 +380,7 @@ class Followed:
                 runs.append(f"{self.motion[start]} (frames {start}-{t - 1})" if t - 1 > start else f"{self.motion[start]} (frame {start})")
                 start = t
         what = {"static": "stays put", "camera": "moves with the camera", "object": "moves with its own pixels",
-                "on-object": "moves with the object it sits on"}
+                "on-object": "moves with the object it sits on", "cut": "held in place across a scene cut"}
         text = "; ".join(r.replace(r.split(" ")[0], what[r.split(" ")[0]], 1) for r in runs) if runs else "one frame"
         return ("an addition — " if self.added else "") + text
 
@@ -391,7 +391,8 @@ def track_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False, e
     return follow_region(frames, region0, rigid, edited0).regions
 
 
-def follow_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False, edited0: np.ndarray | None = None) -> Followed:
+def follow_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False, edited0: np.ndarray | None = None,
+                  cuts: tuple[int, ...] | list[int] = ()) -> Followed:
     """Follow a region of frame 0 through the video.
 
     What moves the region is decided frame by frame from the evidence:
@@ -410,6 +411,8 @@ def follow_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False, 
     the flow). An addition's region is its frame-0 shape moved with the object.
     rigid=True: the amodal region moved as a whole (for a user's box); may extend past the frame
     and come back.
+    cuts: frames that start a new shot (shots.py); motion across a cut is nonsense, so there the
+    region is held where it was ("cut").
     """
     F, H, W = frames.shape[:3]
     out = np.zeros((F, H, W), bool)
@@ -434,6 +437,10 @@ def follow_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False, 
     last_M = None
     own = False  # the region's own pixels have been seen to move by themselves
     for t in range(1, F):
+        if t in cuts:
+            result.motion.append("cut")
+            out[t] = out[t - 1]
+            continue
         fwd, bwd = fl.pair(t)
         # forward-backward consistency of the backward flow: for p in frame t, p + bwd(p) in t-1
         mx, my = xs + bwd[..., 0], ys + bwd[..., 1]

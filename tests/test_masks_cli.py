@@ -67,6 +67,9 @@ def test_masks_writes_every_output(clip, tmp_path):
     info = read_json(out / "masks.json")
     assert (info["frames"], info["width"], info["height"], info["source"]) == (9, 96, 64, "automatic")
     assert info["indices"] == list(range(9))  # a 12 fps clip, slower than the model's 16: its own frames
+    # what moved the region (the square's own pixels, once seen to move), and one shot, no cut
+    assert info["motion"][0] == "start" and info["motion"][1:].count("object") >= 6 and info["added"] is False
+    assert info["cuts"] == [] and [s["selected"] for s in info["shots"]] == [list(range(9))]
     pngs = sorted((out / "masks").glob("*.png"))
     assert [p.name for p in pngs] == [f"{i:04d}.png" for i in range(9)]
     m = np.stack([read_gray(p) for p in pngs])
@@ -131,6 +134,25 @@ def test_rerun_replaces_the_previous_output(clip, tmp_path):
     second = read_json(out / "masks.json")
     assert first["frames"] == 9 and second["frames"] == 5 and second["mask_style"] == "static"
     assert len(list((out / "masks").glob("*.png"))) == 5
+
+
+def test_masks_reports_a_cut_and_holds_the_region_there(clip, tmp_path, caplog):
+    # two shots: the clip's first 5 frames, then an unrelated, darker, differently textured view
+    rng = np.random.default_rng(5)
+    other = cv2.GaussianBlur((rng.random((H, W, 3)) * 60).astype(np.uint8), (0, 0), 1.2)
+    video = np.concatenate([clip["frames"][:5], np.repeat(other[None], 4, 0)])
+    write_video(tmp_path / "cut.mkv", video, 12, lossless=True)
+    out = tmp_path / "m"
+    argv = ["masks", "--video", str(tmp_path / "cut.mkv"), "--first-frame", str(clip["first_frame"]), "--out", str(out),
+            "--frames", "9", "--size", "96x64", "--mask-style", "tight"]
+    with caplog.at_level("WARNING", logger="loraedit"):
+        assert run(argv) == 0
+    info = read_json(out / "masks.json")
+    assert [c["selected"] for c in info["cuts"]] == [5] and len(info["shots"]) == 2
+    assert "scene cuts at" in caplog.text and "frame 5" in caplog.text
+    assert info["motion"][5] == "cut"
+    m = np.stack([read_gray(p) for p in sorted((out / "masks").glob("*.png"))])
+    assert (m[5] == m[4]).all()  # not dragged by the flow between unrelated views
 
 
 def test_masks_with_a_box_and_no_first_frame(clip, tmp_path):
