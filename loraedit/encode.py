@@ -8,7 +8,10 @@ the transformer. Keys (B = 1):
     cond_render    (1, 20, T, h, w)   the same with frame 0 = the edited first frame
     ref.K.x0       (1, 16, 1, h, w)   edited later frame K (stage-2 target)
     ref.K.cond     (1, 20, 1, h, w)   source frame K, region zeroed, keep outside / generate inside
-    text, negative_text (1, 512, D)   UMT5 embeddings, padded to 512 tokens
+    text, negative_text (1, 512, D)   UMT5 embeddings, padded to 512 tokens: the training prompt
+                                      ([p*] + the source's caption) and the negative one
+    text_edit      (1, 512, D)        the render prompt ([p*] + the edited video's caption), also
+                                      stage 2's (its reference frames show the edit); see caption.py
     image_train, image_render (1, N, C)  CLIP hidden_states[-2] of source / edited frame 0 (Wan2.1)
 """
 
@@ -56,9 +59,18 @@ class EncodeSettings:
     """What the encodings depend on besides the prepared frames (from the train and render settings)."""
 
     model: str
-    prompt: str = ""
+    prompt: str = ""  # the source's caption (training)
     mode: str = "mask-aware"
     negative_prompt: str | None = None  # None: Wan's
+    edit_prompt: str | None = None  # the edited video's caption (render, stage 2); None: prompt
+    trigger: str = ""  # put before both
+
+    @property
+    def texts(self) -> tuple[str, str]:
+        """(training text, render text)."""
+        from loraedit.caption import prompts
+
+        return prompts(self.prompt, self.edit_prompt, self.trigger)
 
     @property
     def negative(self) -> str:
@@ -67,7 +79,8 @@ class EncodeSettings:
 
 def cache_inputs(args: EncodeSettings) -> dict:
     """The settings the encodings depend on (with the prepared frames' hashes they name the cache file)."""
-    return {"model": str(args.model), "prompt": args.prompt, "negative_prompt": args.negative, "mode": args.mode}
+    train_text, render_text = args.texts
+    return {"model": str(args.model), "prompt": train_text, "edit_prompt": render_text, "negative_prompt": args.negative, "mode": args.mode}
 
 
 def cache_metadata(path: Path) -> dict:
@@ -98,9 +111,15 @@ def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, 
     out = {k: v for k, v in (reuse or {}).items() if k in FIRST_FRAME_FREE or k.startswith("ref.")}
     pipe = load_encoders(args.model, device)
     with torch.no_grad():
-        text, negative = pipe.encode_prompt(args.prompt, args.negative, do_classifier_free_guidance=True,
+        train_text, render_text = args.texts
+        text, negative = pipe.encode_prompt(train_text, args.negative, do_classifier_free_guidance=True,
                                             max_sequence_length=512, device=device)
         out["text"], out["negative_text"] = text.float().cpu(), negative.float().cpu()
+        if render_text == train_text:
+            out["text_edit"] = out["text"].clone()  # safetensors stores no shared tensors
+        else:
+            edit, _ = pipe.encode_prompt(render_text, do_classifier_free_guidance=False, max_sequence_length=512, device=device)
+            out["text_edit"] = edit.float().cpu()
         if pipe.image_encoder is not None:
             if "image_train" not in out:
                 out["image_train"] = pipe.encode_image(Image.fromarray(prepared["source"][0]), device).float().cpu()
