@@ -219,10 +219,19 @@ def _encode(run_dir: Path, es, prepared: dict, hashes: dict, device):
     return cache, key, (time.perf_counter() - t0) if made else None
 
 
-def _encode_settings(model: str, train: TrainSettings, negative_prompt: str | None):
+def _prompts(run_dir: Path, train: TrainSettings, prepared: dict, device="cpu") -> tuple[str, str | None]:
+    """(source caption, edited caption): as given, or from Florence-2 with --caption auto (caption.py;
+    kept in cache/captions.json, so only the first call per pair of first frames loads the captioner)."""
+    from loraedit import caption
+
+    return caption.resolve(run_dir, train.prompt, train.edit_prompt, train.caption, train.captioner, prepared, device)
+
+
+def _encode_settings(model: str, train: TrainSettings, negative_prompt: str | None, prompts: tuple[str, str | None]):
     from loraedit.encode import EncodeSettings
 
-    return EncodeSettings(model=model, prompt=train.prompt, mode=train.mode, negative_prompt=negative_prompt)
+    return EncodeSettings(model=model, prompt=prompts[0], edit_prompt=prompts[1], trigger=train.trigger, mode=train.mode,
+                          negative_prompt=negative_prompt)
 
 
 # ---------------------------------------------------------------- train
@@ -281,10 +290,11 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
                              "use a new --out, or --restart to discard them and train again")
         write_json(rec_file, record)  # before the first step: a resume is checked against it
         negative = recorded_settings(run_dir, RenderSettings).get("negative_prompt")
-        cache, key, seconds = _encode(run_dir, _encode_settings(s.model, s, negative), prepared, hashes, device)
+        es = _encode_settings(s.model, s, negative, _prompts(run_dir, s, prepared, device))
+        cache, key, seconds = _encode(run_dir, es, prepared, hashes, device)
         if seconds is not None:
-            manifest.update(run_dir, "encode", {"seconds": seconds, "cache": f"cache/encoded-{key}.safetensors"},
-                            _encode_settings(s.model, s, negative).__dict__)
+            manifest.update(run_dir, "encode", {"seconds": seconds, "cache": f"cache/encoded-{key}.safetensors",
+                                                "texts": list(es.texts)}, es.__dict__)
         figures = stage.run(s, run_dir, cache, device, progress=progress)
         if figures.get("reused"):
             return figures
@@ -319,13 +329,13 @@ def _render_plan(run_dir: Path, s: RenderSettings) -> tuple[dict, dict, object, 
         _warn_beyond_region(prepared, new_first, s.first_frame)
         prepared["first"] = new_first
     hashes = runstate.prepared_hashes(prepared)
-    es = _encode_settings(s.model, trained, s.negative_prompt)
+    es = _encode_settings(s.model, trained, s.negative_prompt, _prompts(run_dir, trained, prepared))
     lora = run_dir / LORA_FILE
     from loraedit import encode
 
     record = _no_model(s.result_dict())
     record.update(first_frame=hashes["first_frame"], encoding=runstate.sha256_json([hashes, encode.cache_inputs(es)])[:16],
-                  lora=sha256_file(lora) if lora.is_file() else None, model=runstate.model_identity(s.model))
+                  lora=sha256_file(lora) if lora.is_file() else None, model=runstate.model_identity(s.model), prompt=es.texts[1])
     return prepared, hashes, es, record
 
 
@@ -384,6 +394,8 @@ def edit(run_dir: str | Path, prep: PrepareSettings, tr: TrainSettings, rend: Re
             tr = tr.replace(model=prep.model)
         if rend.model is None:
             rend = rend.replace(model=prep.model)
+        prep.check_files()
+        tr.check_files()  # a missing captioner is said before the frames are prepared
         prepare(run_dir, prep, restart=restart, then_train=tr)
         train(run_dir, tr, restart=restart, progress=progress)
         # a rerun of an interrupted edit finishes render/; a rerun of a finished one with the same

@@ -99,7 +99,7 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     latents = method.sample_latents(
-        transformer, scheduler, noise, cond, cache["text"].to(device), cache["negative_text"].to(device),
+        transformer, scheduler, noise, cond, cache.get("text_edit", cache["text"]).to(device), cache["negative_text"].to(device),
         None if image is None else image.to(device), args.render_steps, args.guidance, on_step=lambda i: bar.update(1),
     )
     bar.close()

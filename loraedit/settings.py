@@ -412,7 +412,16 @@ class TrainSettings(Settings):
     """Stages encode + train: what the LoRA learns from the prepared run, and how it is trained."""
 
     model: str | None = setting(None, _MODEL_HELP, parse=model_path, group="inputs")
-    prompt: str = setting("", "what the edited video shows (optional)", group="inputs")
+    prompt: str = setting("", "the source video's caption, for training: what the clip shows before the edit (optional)", group="prompts")
+    edit_prompt: str | None = setting(None, "the edited video's caption, for rendering and for the edited reference frames "
+                                            "(default: --prompt)", group="prompts")
+    trigger: str = setting("sks", "a rare word put before both captions, the LoRA's handle on this video (default sks; \"\" for none)",
+                           group="prompts")
+    caption: str = setting("off", "auto: caption the source's and the edited first frame with Florence-2 where --prompt / "
+                                  "--edit-prompt are not given", parse=choice("off", "auto"), group="prompts")
+    captioner: str | None = setting(None, "Florence-2 for --caption auto: a local folder in the transformers layout, or a hub id where "
+                                          "there is network (default florence-community/Florence-2-base)", parse=model_path,
+                                    metavar="PATH", group="prompts")
     mode: str = setting("auto", _MODE_HELP, parse=choice(*EDIT_MODES), group="inputs")
     steps: int = setting(100, "stage-1 steps on the video (default 100)", parse=integer, check=at_least(0))
     ref_steps: int = setting(100, "stage-2 steps on the references (default 100; only with --ref)", parse=integer, check=at_least(0))
@@ -442,6 +451,9 @@ class TrainSettings(Settings):
         if names and not any(re.fullmatch(self.lora_targets, n) for n in names):
             raise InputError(f"--lora-targets {self.lora_targets}: matches none of the model's {len(names)} linear layers "
                              f"(e.g. {names[0]}); fix the regular expression (it must match a whole layer name)")
+        if self.caption == "auto" and self.captioner and Path(self.captioner).is_absolute() and not Path(self.captioner).is_dir():
+            raise InputError(f"{self.captioner}: no such Florence-2 folder (--captioner); give a local Florence-2 folder in the "
+                             "transformers layout, or write --prompt / --edit-prompt yourself")
 
 
 def linear_layer_names(model: str) -> list[str]:

@@ -181,10 +181,12 @@ def run(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tensor], devi
     def on_device(t):
         return None if t is None else t.to(device)
 
-    text = on_device(cache["text"])
-    samples = {None: (on_device(cache["x0"]), on_device(cache["cond_train"]), on_device(cache.get("image_train")))}
+    # the video trains with the source's caption and first frame; a reference (it shows the edit)
+    # with the edited video's caption and the edited first frame's CLIP embedding (caption.py)
+    text, text_edit = on_device(cache["text"]), on_device(cache.get("text_edit", cache["text"]))
+    samples = {None: (on_device(cache["x0"]), on_device(cache["cond_train"]), on_device(cache.get("image_train")), text)}
     for k in ref_keys:
-        samples[k] = (on_device(cache[f"ref.{k}.x0"]), on_device(cache[f"ref.{k}.cond"]), on_device(cache.get("image_render")))
+        samples[k] = (on_device(cache[f"ref.{k}.x0"]), on_device(cache[f"ref.{k}.cond"]), on_device(cache.get("image_render")), text_edit)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -193,7 +195,7 @@ def run(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tensor], devi
     for step in range(start, total):
         g = step_generator(args.seed, step)
         key = sample_for_step(step, args.steps, ref_keys, args.ref_video_every, g)
-        x0, cond, image = samples[key]
+        x0, cond, image, text = samples[key]
         sigma = method.sample_sigma(1, args.timesteps, g, shift=args.train_shift)
         noise = torch.randn(x0.shape, generator=g).to(device)
         loss = training_step(transformer, optimizer, x0, cond, text, image, sigma.to(device), noise, args.grad_clip)
