@@ -283,7 +283,9 @@ def run(args: PrepareSettings, run_dir: Path) -> dict:
     if mode == "naive" and extent is not None and extent.region == 0:
         regions = np.ones(frames.shape[:3], bool)  # a global edit the region finder sees nothing of: all of it is edit
     else:
-        regions = masks.edit_regions(frames, first, opts, indices, info.n_frames)
+        # with --allow-cuts, a followed region is held at each cut instead of following nonsense across it
+        at_cuts = [next(k for k, i in enumerate(indices) if i >= c.frame) for c in cuts]
+        regions = masks.edit_regions(frames, first, opts, indices, info.n_frames, cuts=at_cuts)
     if regions.shape != frames.shape[:3]:
         raise RuntimeError(f"edit region shape {regions.shape} does not match frames {frames.shape[:3]}")
 
