@@ -37,6 +37,11 @@ STAGE_OF = {PrepareSettings: "prepare", TrainSettings: "train", RenderSettings: 
 LORA_FILE = Path("lora") / "pytorch_lora_weights.safetensors"
 
 
+def _has_trained_lora(run_dir: Path) -> bool:
+    """A trained LoRA in the run: lora/ (one transformer) or lora/high_noise, lora/low_noise (two experts)."""
+    return (run_dir / LORA_FILE).is_file() or any((run_dir / "lora").glob("*/pytorch_lora_weights.safetensors"))
+
+
 # ---------------------------------------------------------------- the run's recorded settings (job.json)
 
 
@@ -153,7 +158,7 @@ def prepare(run_dir: str | Path, s: PrepareSettings, restart: bool = False, then
         plan = stage.run(s, staging)
         hashes = runstate.prepared_hashes(stage.load(staging))
         trained = run_dir / "train" / "record.json"
-        if trained.is_file() or (run_dir / LORA_FILE).is_file():
+        if trained.is_file() or _has_trained_lora(run_dir):
             old = read_json(trained) if trained.is_file() else {"inputs": {}}
             before = read_json(rec_file) if rec_file.is_file() else {}
             prepare_changes = runstate.describe_changes({k: before.get(k, {}) for k in ("settings", "inputs")}, record)
@@ -253,7 +258,7 @@ def _check_training(run_dir: Path, old: dict, new: dict, staging: Path | None = 
 
 def _refuse_changed_training(run_dir: Path, old: dict, new: dict, because: str = "") -> None:
     what = ", ".join(dict.fromkeys(x for x in (because, runstate.describe_changes(old, new)) if x))
-    state = "was trained" if (run_dir / LORA_FILE).is_file() else "is partly trained"
+    state = "was trained" if _has_trained_lora(run_dir) else "is partly trained"
     hint = ""
     changed = runstate.differences(old, new)
     if changed == ["settings.seed"]:
@@ -280,7 +285,7 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
         record = _train_record(s, hashes)
         rec_file = run_dir / "train" / "record.json"
         old = read_json(rec_file) if rec_file.is_file() else None
-        leftovers = (run_dir / LORA_FILE).is_file() or (run_dir / "train" / "checkpoints").is_dir()
+        leftovers = _has_trained_lora(run_dir) or (run_dir / "train" / "checkpoints").is_dir()
         if restart:
             _discard_training(run_dir, "--restart")
         elif old is not None:
@@ -330,12 +335,12 @@ def _render_plan(run_dir: Path, s: RenderSettings) -> tuple[dict, dict, object, 
         prepared["first"] = new_first
     hashes = runstate.prepared_hashes(prepared)
     es = _encode_settings(s.model, trained, s.negative_prompt, _prompts(run_dir, trained, prepared))
-    lora = run_dir / LORA_FILE
     from loraedit import encode
+    from loraedit.models import lora_digest
 
     record = _no_model(s.result_dict())
     record.update(first_frame=hashes["first_frame"], encoding=runstate.sha256_json([hashes, encode.cache_inputs(es)])[:16],
-                  lora=sha256_file(lora) if lora.is_file() else None, model=runstate.model_identity(s.model), prompt=es.texts[1])
+                  lora=lora_digest(run_dir), model=runstate.model_identity(s.model), prompt=es.texts[1])
     return prepared, hashes, es, record
 
 
@@ -396,6 +401,7 @@ def edit(run_dir: str | Path, prep: PrepareSettings, tr: TrainSettings, rend: Re
             rend = rend.replace(model=prep.model)
         prep.check_files()
         tr.check_files()  # a missing captioner is said before the frames are prepared
+        rend.check_files()  # and a setting the model does not take (--guidance-2)
         prepare(run_dir, prep, restart=restart, then_train=tr)
         train(run_dir, tr, restart=restart, progress=progress)
         # a rerun of an interrupted edit finishes render/; a rerun of a finished one with the same

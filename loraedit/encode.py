@@ -2,12 +2,13 @@
 
 Writes cache/encoded.safetensors; the training loop and the sampler read only this, so no
 training step runs the VAE or an encoder, and the encoders are freed before training loads
-the transformer. Keys (B = 1):
-    x0             (1, 16, T, h, w)   normalised latents of the source video (stage-1 target)
-    cond_train     (1, 20, T, h, w)   [M_cond, y] of the training condition
-    cond_render    (1, 20, T, h, w)   the same with frame 0 = the edited first frame
-    ref.K.x0       (1, 16, 1, h, w)   edited later frame K (stage-2 target)
-    ref.K.cond     (1, 20, 1, h, w)   source frame K, region zeroed, keep outside / generate inside
+the transformer. Keys (B = 1; C latent channels and h×w from the model's VAE, loraedit.family):
+    x0             (1, C, T, h, w)    normalised latents of the source video (stage-1 target)
+    cond_train     (1, 4+C, T, h, w)  [M_cond, y] of the training condition (mask-channel models);
+                   (1, 1+C, T, h, w)  [keep, latents kept tokens take] for Wan2.2-TI2V
+    cond_render    the same with frame 0 = the edited first frame
+    ref.K.x0       (1, C, 1, h, w)    edited later frame K (stage-2 target)
+    ref.K.cond     source frame K: keep outside the region, generate inside
     text, negative_text (1, 512, D)   UMT5 embeddings, padded to 512 tokens: the training prompt
                                       ([p*] + the source's caption) and the negative one
     text_edit      (1, 512, D)        the render prompt ([p*] + the edited video's caption), also
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from loraedit import method
 from loraedit.files import atomic_output
-from loraedit.models import load_encoders, release_memory
+from loraedit.models import load_encoders, model_family, release_memory
 
 
 def to_video_tensor(frames: np.ndarray) -> torch.Tensor:
@@ -37,19 +38,19 @@ def to_video_tensor(frames: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_video(vae, video: torch.Tensor) -> torch.Tensor:
-    """(F, 3, H, W) in [-1, 1] → normalised latents (1, 16, T, h, w) (distribution mode)."""
+    """(F, 3, H, W) in [-1, 1] → normalised latents (1, C, T, h, w) (distribution mode)."""
     device = next(vae.parameters()).device
     z = vae.encode(video.permute(1, 0, 2, 3)[None].to(device, vae.dtype)).latent_dist.mode().float()
     return method.normalize_latents(z, torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std))
 
 
-def condition_videos(source: torch.Tensor, first: torch.Tensor, region: torch.Tensor, mode: str):
+def condition_videos(source: torch.Tensor, first: torch.Tensor, region: torch.Tensor, mode: str, spatial: int = method.SPATIAL):
     """(training condition video, render condition video, keep mask (F, h, w)) for `mode`."""
     if mode == "naive":
-        train_video, keep = method.stock_plan(source[0], source.shape[0])
-        render_video, _ = method.stock_plan(first, source.shape[0])
+        train_video, keep = method.stock_plan(source[0], source.shape[0], spatial)
+        render_video, _ = method.stock_plan(first, source.shape[0], spatial)
     else:
-        train_video, keep = method.edit_plan(source, region)
+        train_video, keep = method.edit_plan(source, region, spatial=spatial)
         render_video = method.with_first_frame(train_video, first)
     return train_video, render_video, keep
 
@@ -88,6 +89,38 @@ def cache_metadata(path: Path) -> dict:
         return f.metadata() or {}
 
 
+def token_conditions(vae, fam, source: torch.Tensor, first: torch.Tensor, region: torch.Tensor, mode: str,
+                     refs: dict, have: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Wan2.2-TI2V entries: conditions as (keep, latents kept tokens take), no mask channels.
+
+    The kept tokens take clean latents, not those of a region-blanked video: in TI2V they are the
+    output itself (the sampler copies them), so grey bleeding across the region's border through
+    the VAE would show. Training keeps the source's own latents (x0); the render keeps the same
+    with latent frame 0 = the edited first frame's (the Wan VAE encodes frame 0 alone, so this is
+    exactly what encoding the edited video's first frame gives). Naive mode keeps frame 0 only.
+    """
+    out = {}
+    x0 = have["x0"] if "x0" in have else encode_video(vae, source).cpu()
+    out["x0"] = x0
+    T, h, w = x0.shape[2:]
+    if mode == "naive":
+        keep = method.ti2v_stock_keep(source.shape[0], h, w, fam.temporal)
+    else:
+        keep = method.token_keep_mask(region, fam.spatial, fam.temporal, fam.patch)
+        keep[0] = 1.0  # frame 0 is kept whole, as in the paper's condition
+    if "cond_train" not in have:
+        out["cond_train"] = method.ti2v_condition(x0, keep)
+    first_latents = encode_video(vae, first[None]).cpu()  # (1, C, 1, h, w)
+    out["cond_render"] = method.ti2v_condition(torch.cat([first_latents, x0[:, :, 1:]], dim=2), keep)
+    for k, ref in refs.items():
+        if f"ref.{k}.x0" in have:
+            continue
+        ref_keep = method.token_keep_mask(region[k : k + 1], fam.spatial, fam.temporal, fam.patch)
+        out[f"ref.{k}.x0"] = encode_video(vae, to_video_tensor(ref[None])).cpu()
+        out[f"ref.{k}.cond"] = method.ti2v_condition(encode_video(vae, source[k : k + 1]).cpu(), ref_keep)
+    return out
+
+
 def cached(path: Path, key: str) -> bool:
     return path.is_file() and cache_metadata(path).get("key") == key
 
@@ -109,6 +142,7 @@ def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, 
     if cached(path, key):
         return load_file(str(path))
     out = {k: v for k, v in (reuse or {}).items() if k in FIRST_FRAME_FREE or k.startswith("ref.")}
+    fam = model_family(args.model)
     pipe = load_encoders(args.model, device)
     with torch.no_grad():
         train_text, render_text = args.texts
@@ -129,18 +163,21 @@ def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, 
         region = torch.from_numpy(prepared["region"])
         # --mode auto: what prepare decided from the edit (plan.json records it and why)
         mode = prepared["plan"].get("mode", "mask-aware") if args.mode == "auto" else args.mode
-        train_video, render_video, keep = condition_videos(source, first, region, mode)
-        if "x0" not in out:
-            out["x0"] = encode_video(pipe.vae, source).cpu()
-        if "cond_train" not in out:
-            out["cond_train"] = method.condition_tensor(encode_video(pipe.vae, train_video), keep).cpu()
-        out["cond_render"] = method.condition_tensor(encode_video(pipe.vae, render_video), keep).cpu()
-        for k, ref in prepared["refs"].items():
-            if f"ref.{k}.x0" in out:
-                continue
-            cond, ref_keep = method.edit_plan(source[k : k + 1], region[k : k + 1], keep_first=False)
-            out[f"ref.{k}.x0"] = encode_video(pipe.vae, to_video_tensor(ref[None])).cpu()
-            out[f"ref.{k}.cond"] = method.condition_tensor(encode_video(pipe.vae, cond), ref_keep).cpu()
+        if fam.expand_timesteps:
+            out.update(token_conditions(pipe.vae, fam, source, first, region, mode, prepared["refs"], out))
+        else:
+            train_video, render_video, keep = condition_videos(source, first, region, mode, fam.spatial)
+            if "x0" not in out:
+                out["x0"] = encode_video(pipe.vae, source).cpu()
+            if "cond_train" not in out:
+                out["cond_train"] = method.condition_tensor(encode_video(pipe.vae, train_video), keep, fam.temporal).cpu()
+            out["cond_render"] = method.condition_tensor(encode_video(pipe.vae, render_video), keep, fam.temporal).cpu()
+            for k, ref in prepared["refs"].items():
+                if f"ref.{k}.x0" in out:
+                    continue
+                cond, ref_keep = method.edit_plan(source[k : k + 1], region[k : k + 1], keep_first=False, spatial=fam.spatial)
+                out[f"ref.{k}.x0"] = encode_video(pipe.vae, to_video_tensor(ref[None])).cpu()
+                out[f"ref.{k}.cond"] = method.condition_tensor(encode_video(pipe.vae, cond), ref_keep, fam.temporal).cpu()
     del pipe
     release_memory()
     with atomic_output(path) as tmp:

@@ -17,6 +17,7 @@ is refused in one line before any weights load.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ class ModelFamily:
     temporal: int                      # pixel frames per latent frame (after the first)
     patch: tuple[int, int, int]        # transformer patch (t, h, w)
     default_size: tuple[int, int]      # landscape (width, height); portrait swaps them
+    fps: float = 16.0                  # the frame rate the model was trained at (TI2V-5B: 24)
     num_train_timesteps: int = 1000
 
     @property
@@ -133,7 +135,7 @@ def detect(path: str | Path) -> ModelFamily:
         if two or in_ch != z:
             raise InputError(f"{path}: a WanPipeline with expand_timesteps but {'two experts' if two else f'{in_ch} input channels for {z} latent channels'}; "
                              f"this layout is not supported; pass {SUPPORTED}")
-        return ModelFamily(TI2V, (HIGH,), None, True, False, z, spatial, temporal, patch, (1280, 704))
+        return ModelFamily(TI2V, (HIGH,), None, True, False, z, spatial, temporal, patch, (1280, 704), fps=24.0)
     if in_ch != 2 * z + temporal:
         raise InputError(f"{path}: the transformer takes {in_ch} input channels, not the {2 * z + temporal} of a Wan I2V model "
                          f"(noisy latents, {temporal}-channel mask, condition); pass {SUPPORTED}")
@@ -144,6 +146,32 @@ def detect(path: str | Path) -> ModelFamily:
     if not has_clip:
         raise InputError(f"{path}: a one-transformer Wan I2V folder without its CLIP image encoder; the download is incomplete")
     return ModelFamily(WAN21, (HIGH,), None, False, True, z, spatial, temporal, patch, (1280, 720) if is_720p(path) else (832, 480))
+
+
+def auto_size(fam: ModelFamily, width: int, height: int) -> tuple[int, int]:
+    """The working size for a width × height clip: the model's own bucket (832x480, 1280x720,
+    1280x704, or portrait) for footage within 3% of its aspect; any other aspect keeps its shape
+    at the bucket's pixel count, in whole transformer tokens (16 or 32 pixels)."""
+    bucket = fam.size_for(width, height)
+    aspect = width / height
+    if abs(bucket[0] / bucket[1] / aspect - 1) <= 0.03:
+        return bucket
+    m, budget = fam.size_multiple, bucket[0] * bucket[1]
+    h = max(m, round(math.sqrt(budget / aspect) / m) * m)
+    return max(m, round(h * aspect / m) * m), h
+
+
+def working_size(fam: ModelFamily, size: tuple[int, int] | None, width: int, height: int) -> tuple[int, int]:
+    """The size frames are fitted to: `size` (checked against the model's token size) or the model's
+    default for a source of width × height (auto_size)."""
+    if size is None:
+        return auto_size(fam, width, height)
+    w, h = size
+    m = fam.size_multiple
+    if w % m or h % m:
+        raise InputError(f"--size {w}x{h}: {fam.name} needs width and height in multiples of {m} (one transformer token); "
+                         f"e.g. {max(m, round(w / m) * m)}x{max(m, round(h / m) * m)}")
+    return w, h
 
 
 def describe(family: ModelFamily) -> str:

@@ -217,7 +217,7 @@ def sample_latents(transformer, scheduler, noise, condition, text, negative_text
         if boundary is None:
             model = transformer
         elif expert_at(t, boundary) != name:
-            name = expert_at(t, boundary)
+            name, model = expert_at(t, boundary), None  # drop our reference so the caller can free the old expert
             model = transformer(name)
         scale = guidance if name != LOW_NOISE or guidance_2 is None else guidance_2
         v = predict_velocity(model, x, condition, t, text, image, is_timestep=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from loraedit import family
 from loraedit.errors import InputError
 from loraedit.files import atomic_output
 
@@ -49,28 +50,59 @@ def memory_mode(requested: str, device: torch.device) -> str:
 
 
 def check_model(path: str) -> str:
-    """A local diffusers folder of a Wan I2V pipeline (or a hub id, which diffusers downloads)."""
+    """A local diffusers folder of a supported Wan image-to-video model (loraedit.family), or a hub
+    id (which diffusers downloads); anything else is refused in one line before weights load."""
     p = Path(path)
     if not p.exists():
         if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
             return path  # a hub id: diffusers fetches it where there is network
-        raise InputError(f"{path}: no such model folder; pass a Wan I2V folder in diffusers layout (e.g. Wan2.1-I2V-14B-480P-Diffusers)")
-    index = p / "model_index.json"
-    if not index.is_file():
+        raise InputError(f"{path}: no such model folder; pass {family.SUPPORTED}")
+    if not (p / "model_index.json").is_file():
         raise InputError(f"{path}: not a diffusers model folder (no model_index.json); download the '-Diffusers' variant of the Wan I2V model")
-    try:
-        cls = json.loads(index.read_text()).get("_class_name", "")
-    except json.JSONDecodeError:
-        raise InputError(f"{index}: is not valid JSON; re-download the model") from None
-    if cls != "WanImageToVideoPipeline":
-        raise InputError(f"{path}: is a {cls or 'unknown'} folder, not a Wan image-to-video model; pass a Wan2.1/2.2 I2V diffusers folder")
-    index_data = json.loads(index.read_text())
-    if (index_data.get("transformer_2") or [None])[0] or index_data.get("expand_timesteps"):
-        raise InputError(f"{path}: is a Wan2.2 model (two experts or TI2V-5B); this version supports Wan2.1 I2V folders, e.g. Wan2.1-I2V-14B-480P-Diffusers")
-    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if not (p / sub).is_dir():
-            raise InputError(f"{path}: the '{sub}' folder is missing; the download is incomplete")
+    family.detect(p)
     return str(p)
+
+
+def model_family(model: str) -> family.ModelFamily:
+    """The family of `model`: a local folder's configs, or a hub id's (only its JSON files are fetched)."""
+    if Path(model).exists():
+        return family.detect(model)
+    from huggingface_hub import snapshot_download
+
+    local = snapshot_download(model, allow_patterns=["*.json"])
+    return family.detect(local)
+
+
+def lora_folders(run_dir: str | Path, fam: family.ModelFamily) -> dict[str, Path]:
+    """Where each expert's LoRA lives in a run: lora/ for a one-transformer model; lora/high_noise
+    and lora/low_noise for a two-expert one (each loadable on its own with load_lora_weights)."""
+    root = Path(run_dir) / "lora"
+    if not fam.two_experts:
+        return {family.HIGH: root}
+    return {e: root / family.EXPERT_NAMES[e] for e in fam.experts}
+
+
+def trained_lora_files(run_dir: str | Path) -> list[Path]:
+    """The run's trained LoRA files in diffusers format: lora/, or one per expert below it."""
+    return sorted((Path(run_dir) / "lora").glob("**/pytorch_lora_weights.safetensors"))
+
+
+def lora_digest(run_dir: str | Path) -> str | None:
+    """sha256 of the run's trained LoRA (one file), or of each expert's ('high_noise:…+low_noise:…');
+    None when there is none."""
+    from loraedit.files import sha256_file
+
+    files = trained_lora_files(run_dir)
+    if not files:
+        return None
+    if len(files) == 1 and files[0].parent == Path(run_dir) / "lora":
+        return sha256_file(files[0])
+    return "+".join(f"{f.parent.name}:{sha256_file(f)}" for f in files)
+
+
+def wan_lora_name(fam: family.ModelFamily, expert: str) -> str:
+    """The Wan / ComfyUI file's name: wan_lora.safetensors, or wan_lora_high_noise / _low_noise."""
+    return f"wan_lora_{family.EXPERT_NAMES[expert]}.safetensors" if fam.two_experts else "wan_lora.safetensors"
 
 
 def load_encoders(model: str, device: torch.device):
@@ -106,8 +138,9 @@ def load_scheduler(model: str, shift: float):
     return cls.from_config(scheduler.config, **{key: shift})
 
 
-def load_transformer(model: str, device: torch.device, memory: str):
-    """The denoiser, frozen, in the precision of the memory mode.
+def load_transformer(model: str, device: torch.device, memory: str, subfolder: str = "transformer"):
+    """The denoiser (`subfolder`: 'transformer', or a two-expert model's 'transformer_2'), frozen,
+    in the precision of the memory mode.
 
     memory: 'fp32' (CPU default), 'bf16' (GPU default) or 'fp8' (base weights stored in
     float8 and cast per layer to bf16 for compute; halves the weights' memory again).
@@ -115,7 +148,7 @@ def load_transformer(model: str, device: torch.device, memory: str):
     from diffusers import WanTransformer3DModel
 
     compute = torch.float32 if memory == "fp32" or device.type == "cpu" and memory != "bf16" else torch.bfloat16
-    transformer = WanTransformer3DModel.from_pretrained(model, subfolder="transformer", torch_dtype=compute)
+    transformer = WanTransformer3DModel.from_pretrained(model, subfolder=subfolder, torch_dtype=compute)
     transformer.requires_grad_(False)
     if memory == "fp8":
         # storage in fp8, compute in `compute`; norms/embeddings stay full precision (diffusers' skip list)
@@ -167,8 +200,8 @@ def to_wan_format(sd: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.
     return out
 
 
-def save_lora(transformer, folder: str | Path, rank: int, alpha: float, targets: str) -> dict[str, Path]:
-    """Write the LoRA twice: diffusers format with adapter metadata, and Wan/ComfyUI format."""
+def save_lora(transformer, folder: str | Path, rank: int, alpha: float, targets: str, wan_name: str = "wan_lora.safetensors") -> dict[str, Path]:
+    """Write the LoRA twice: diffusers format with adapter metadata, and Wan/ComfyUI format (`wan_name`)."""
     from diffusers import WanImageToVideoPipeline
 
     folder = Path(folder)
@@ -184,7 +217,7 @@ def save_lora(transformer, folder: str | Path, rank: int, alpha: float, targets:
         )
         (scratch / "pytorch_lora_weights.safetensors").replace(tmp)
         scratch.rmdir()
-    wan_file = folder / "wan_lora.safetensors"
+    wan_file = folder / wan_name
     with atomic_output(wan_file) as tmp:
         save_file(to_wan_format(sd, alpha), str(tmp), metadata={"format": "wan", "rank": str(rank), "alpha": str(alpha)})
     return {"diffusers": diffusers_file, "wan": wan_file}

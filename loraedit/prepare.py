@@ -97,9 +97,18 @@ def _model_config_value(model: str | None, keys: tuple[str, ...]):
     return None
 
 
+def _family(model: str | None):
+    """The model family of a local folder (loraedit.family), None without one."""
+    from loraedit.family import detect
+
+    return detect(model) if model and Path(model).is_dir() else None
+
+
 def model_frame_rate(model: str | None) -> float:
-    """The frame rate the model was trained at, where its folder says (fps / sample_fps), else Wan2.1's 16."""
-    return float(_model_config_value(model, ("fps", "sample_fps", "frame_rate")) or MODEL_FPS)
+    """The frame rate the model was trained at, where its folder says (fps / sample_fps), else its
+    family's (Wan2.1 and Wan2.2-A14B 16, Wan2.2-TI2V-5B 24), else Wan2.1's 16."""
+    fam = _family(model)
+    return float(_model_config_value(model, ("fps", "sample_fps", "frame_rate")) or (fam.fps if fam else MODEL_FPS))
 
 
 def model_pixel_budget(model: str | None) -> int:
@@ -112,10 +121,16 @@ def model_pixel_budget(model: str | None) -> int:
 
 
 def select(info: VideoInfo, footage: Footage, model_fps: float = MODEL_FPS,
-           budget: int = PIXEL_BUDGET_480P) -> tuple[FrameChoice, tuple[int, int]]:
-    """The frames to edit and the working size (width, height)."""
+           budget: int = PIXEL_BUDGET_480P, model: str | None = None) -> tuple[FrameChoice, tuple[int, int]]:
+    """The frames to edit and the working size (width, height); with a model folder, its own
+    bucket and token size (loraedit.family: 480P, 720P, TI2V-5B's 1280x704 in 32-pixel tokens)."""
+    from loraedit.family import working_size
+
     choice = choose_frames(info, footage.frames, footage.start, fps=footage.fps, stride=footage.stride,
                            spread=footage.spread, model_fps=model_fps)
+    fam = _family(model)
+    if fam is not None and _model_config_value(model, ("pixel_budget", "max_area")) is None:
+        return choice, working_size(fam, footage.size, info.width, info.height)
     size = footage.size or default_size(info.width, info.height, budget)
     return choice, size
 
@@ -258,7 +273,7 @@ def run(args: PrepareSettings, run_dir: Path) -> dict:
     info = probe_video(args.video)
     model = getattr(args, "model", None)
     model_fps = model_frame_rate(model)
-    choice, (width, height) = select(info, footage, model_fps, model_pixel_budget(model))
+    choice, (width, height) = select(info, footage, model_fps, model_pixel_budget(model), model)
     indices = choice.indices
     if footage.frames is None:
         log.info("--frames auto: %d frames (%.2f s at %g fps) from %.2f s", len(indices), len(indices) / choice.fps, choice.fps, choice.start_time)

@@ -16,8 +16,9 @@ import cv2
 import numpy as np
 import torch
 
-from loraedit import method
-from loraedit.models import memory_mode, load_scheduler, load_trained_lora, load_transformer, load_vae, peak_memory_gb, release_memory
+from loraedit import family, method
+from loraedit.models import (load_scheduler, load_trained_lora, load_transformer, load_vae, lora_folders, memory_mode, model_family,
+                             peak_memory_gb, release_memory)
 from loraedit.files import write_json
 from loraedit.settings import RenderSettings
 from loraedit.video import write_png, write_video
@@ -27,7 +28,7 @@ log = logging.getLogger("loraedit")
 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> np.ndarray:
-    """Normalised latents (1, 16, T, h, w) → (F, H, W, 3) uint8 (diffusers' postprocessing arithmetic)."""
+    """Normalised latents (1, C, T, h, w) → (F, H, W, 3) uint8 (diffusers' postprocessing arithmetic)."""
     device = next(vae.parameters()).device
     z = method.denormalize_latents(latents.to(device, vae.dtype), torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std))
     video = vae.decode(z, return_dict=False)[0]  # (1, 3, F, H, W) in [-1, 1]
@@ -83,15 +84,27 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
 
     t0 = time.perf_counter()
     memory = memory_mode(args.memory, device)
-    transformer = load_transformer(args.model, device, memory).eval()
-    lora_file = run_dir / "lora" / "pytorch_lora_weights.safetensors"
-    if lora_file.is_file():
-        load_trained_lora(transformer, lora_file)
-    else:
-        log.warning("no trained LoRA in %s: rendering with the base model", run_dir / "lora")
+    fam = model_family(args.model)
+    folders = lora_folders(run_dir, fam)
+    held: dict[str, torch.nn.Module] = {}
+
+    def expert(name: str):
+        """The denoiser `name` with its LoRA; a two-expert model's other expert is freed first."""
+        held.clear()
+        release_memory()
+        transformer = load_transformer(args.model, device, memory, subfolder=name).eval()
+        lora_file = folders[name] / "pytorch_lora_weights.safetensors"
+        if lora_file.is_file():
+            load_trained_lora(transformer, lora_file)
+        else:
+            log.warning("no trained LoRA in %s: the %s renders with its base weights", folders[name],
+                        f"{family.EXPERT_NAMES[name].replace('_', '-')} expert" if fam.two_experts else "model")
+        held[name] = transformer
+        return transformer
+
     scheduler = load_scheduler(args.model, args.shift)
     cond = cache["cond_render"].to(device)
-    shape = (1, 16, cond.shape[2], cond.shape[3], cond.shape[4])
+    shape = tuple(cache["x0"].shape)  # (1, C, T, h, w): the model's latent channels and grid
     # noise drawn on the CPU, as diffusers does with a CPU generator, so seeds mean the same everywhere
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float32).to(device)
     image = cache.get("image_render")
@@ -99,12 +112,13 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     latents = method.sample_latents(
-        transformer, scheduler, noise, cond, cache.get("text_edit", cache["text"]).to(device), cache["negative_text"].to(device),
-        None if image is None else image.to(device), args.render_steps, args.guidance, on_step=lambda i: bar.update(1),
+        expert if fam.two_experts else expert(family.HIGH), scheduler, noise, cond, cache.get("text_edit", cache["text"]).to(device),
+        cache["negative_text"].to(device), None if image is None else image.to(device), args.render_steps, args.guidance,
+        on_step=lambda i: bar.update(1), boundary=fam.boundary_timestep, guidance_2=args.guidance_2,
     )
     bar.close()
     peak = peak_memory_gb(device)
-    del transformer
+    held.clear()
     release_memory()
     vae = load_vae(args.model, device)
     frames = decode(vae, latents)

@@ -436,6 +436,10 @@ class TrainSettings(Settings):
     timesteps: str = setting("uniform", "training noise levels (default uniform, as the paper)", parse=choice("uniform", "shifted", "logit-normal"))
     train_shift: float = setting(5.0, "shift for --timesteps shifted (default 5)", parse=number, check=above(0))
     seed: int = setting(0, "random seed (default 0)", parse=integer, check=at_least(0))
+    experts: str = setting("both", "Wan2.2-I2V-A14B: train a LoRA for both experts, each on its side of the noise boundary "
+                           "(default), or for the low-noise expert only (half the training time)", parse=choice("both", "low"))
+    high_noise_steps: int | None = setting(None, "Wan2.2-I2V-A14B: stage-1 steps of the high-noise expert (default: --steps)",
+                                           parse=integer, check=at_least(0))
     memory: str = setting("auto", "base weights: fp32 (CPU default), bf16 (GPU default), fp8 (stored in float8, lowest memory)",
                           parse=choice(*MEMORY_MODES), group="resources", affects_result=False)
     gradient_checkpointing: str = setting("auto", "recompute activations in the backward pass (auto: on for GPU)",
@@ -454,6 +458,8 @@ class TrainSettings(Settings):
         if self.caption == "auto" and self.captioner and Path(self.captioner).is_absolute() and not Path(self.captioner).is_dir():
             raise InputError(f"{self.captioner}: no such Florence-2 folder (--captioner); give a local Florence-2 folder in the "
                              "transformers layout, or write --prompt / --edit-prompt yourself")
+        if self.experts != "both" or self.high_noise_steps is not None:
+            _two_experts_only(self.model, "--experts low" if self.experts != "both" else "--high-noise-steps")
 
 
 def linear_layer_names(model: str) -> list[str]:
@@ -472,6 +478,17 @@ def linear_layer_names(model: str) -> list[str]:
     return sorted(set(names))
 
 
+def _two_experts_only(model: str, what: str) -> None:
+    """A setting that means something only for a two-expert model (read from the folder's JSON, no torch)."""
+    if Path(model).is_dir():
+        from loraedit.family import detect
+
+        fam = detect(model)
+        if not fam.two_experts:
+            raise InputError(f"{what}: {model} is a {fam.name} model with one transformer; this applies to two-expert models "
+                             "(Wan2.2-I2V-A14B); leave it out")
+
+
 @dataclass(frozen=True)
 class RenderSettings(Settings):
     """Stage render: sampling the edited video with the trained LoRA, and what is written."""
@@ -485,6 +502,8 @@ class RenderSettings(Settings):
     shift: float = setting(5.0, "sampling flow shift (default 5)", parse=number, check=above(0), group="rendering")
     guidance: float = setting(5.0, "classifier-free guidance scale (default 5; 1 turns it off)", parse=number, check=at_least(1),
                               group="rendering")
+    guidance_2: float | None = setting(None, "Wan2.2-I2V-A14B: guidance scale of the low-noise expert (default: --guidance)",
+                                       parse=number, check=at_least(1), group="rendering")
     composite: bool = setting(False, "paste the source back outside the (feathered) edit region", parse=boolean, group="rendering")
     feather: int = setting(8, "--composite: blend band in pixels (default 8)", parse=integer, check=at_least(0), group="rendering")
     # the render's numbers depend on the precision it samples in, so another mode is another render
@@ -497,6 +516,8 @@ class RenderSettings(Settings):
         if self.model is None:
             raise InputError("--model is required: a Wan I2V folder in diffusers layout")
         _exists(self.first_frame, "image", "check --first-frame")
+        if self.guidance_2 is not None:
+            _two_experts_only(self.model, "--guidance-2")
 
 
 # ---------------------------------------------------------------- commands: which stages' settings each takes

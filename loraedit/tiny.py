@@ -146,7 +146,8 @@ def build_tiny_ti2v_pipeline(seed: int = 0, expand_timesteps: bool = True):
 
 TINY_LAYOUTS = {
     "wan2.1": ("tiny-Wan2.1-I2V-14B-480P-Diffusers", build_tiny_pipeline),
-    "wan2.1-720p": ("tiny-Wan2.1-I2V-14B-720P-Diffusers", build_tiny_pipeline),  # same configs; the name says 720P
+    # the same configs as 480P (the name says 720P), with the rope table long enough for 1280 pixels
+    "wan2.1-720p": ("tiny-Wan2.1-I2V-14B-720P-Diffusers", lambda seed=0: build_tiny_pipeline(seed, {"rope_max_seq_len": 1024})),
     "a14b": ("tiny-Wan2.2-I2V-A14B-Diffusers", build_tiny_a14b_pipeline),
     "ti2v": ("tiny-Wan2.2-TI2V-5B-Diffusers", build_tiny_ti2v_pipeline),
     "t2v": ("tiny-Wan2.1-T2V-Diffusers", lambda seed=0: build_tiny_ti2v_pipeline(seed, expand_timesteps=False)),

@@ -1,5 +1,9 @@
 """Stage 3 of 4 — train: the per-video LoRA, stage 1 on the video, stage 2 on the references.
 
+A two-expert model (Wan2.2-I2V-A14B) gets one LoRA per expert, each trained on the noise levels
+of its own side of the boundary (as the Wan LoRA trainers do), one expert after the other so that
+only one is ever in memory; `experts = "low"` trains only the low-noise expert's.
+
 A short, linear loop. Every random draw of step s comes from a generator seeded by (seed, s),
 and a checkpoint holds the LoRA and the optimizer state, so a killed run resumed from its last
 checkpoint gives exactly the same LoRA as an uninterrupted run.
@@ -21,8 +25,10 @@ from safetensors.torch import load_file, save_file
 from loraedit import method
 from loraedit.errors import InputError
 from loraedit.files import atomic_output, read_json, sha256_file, write_json
+from loraedit import family
 from loraedit.settings import TrainSettings
-from loraedit.models import memory_mode, add_lora, load_transformer, lora_parameters, peak_memory_gb, release_memory, save_lora
+from loraedit.models import (add_lora, load_transformer, lora_folders, lora_parameters, memory_mode, model_family, peak_memory_gb,
+                             release_memory, save_lora, wan_lora_name)
 
 log = logging.getLogger("loraedit")
 
@@ -143,27 +149,70 @@ def write_losses(train_dir: Path, losses: list[float], samples: list[str], steps
 # ---------------------------------------------------------------- the stage
 
 
-def sample_names(total: int, args: TrainSettings, ref_keys: list[int]) -> list[str]:
-    return ["video" if (k := sample_for_step(s, args.steps, ref_keys, args.ref_video_every, step_generator(args.seed, s))) is None else f"ref{k}"
+def sample_names(total: int, args: TrainSettings, ref_keys: list[int], steps: int | None = None, seed: int | None = None) -> list[str]:
+    steps = args.steps if steps is None else steps
+    seed = args.seed if seed is None else seed
+    return ["video" if (k := sample_for_step(s, steps, ref_keys, args.ref_video_every, step_generator(seed, s))) is None else f"ref{k}"
             for s in range(total)]
 
 
+def experts_to_train(fam: family.ModelFamily, experts: str) -> tuple[str, ...]:
+    """'both' → every expert of the model; 'low' → a two-expert model's low-noise expert only."""
+    if experts == "low":
+        if not fam.two_experts:
+            raise InputError(f"--experts low: {fam.name} has one transformer; --experts applies to Wan2.2-I2V-A14B")
+        return (family.LOW,)
+    return fam.experts
+
+
+def expert_sigma(sigma: torch.Tensor, fam: family.ModelFamily, expert: str) -> torch.Tensor:
+    """σ ∈ (0, 1) drawn for the whole range → the same draw within the expert's own range."""
+    lo, hi = fam.sigma_range(expert)
+    return lo + (hi - lo) * sigma
+
+
 def run(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tensor], device: torch.device, progress=None) -> dict:
-    """Train (or resume) and write lora/; returns timing and memory figures."""
+    """Train (or resume) every expert's LoRA and write lora/; returns timing and memory figures."""
+    fam = model_family(args.model)
+    experts = experts_to_train(fam, args.experts)
+    if not fam.two_experts:
+        return train_expert(args, run_dir, cache, device, fam, family.HIGH, progress)
+    figures = {}
+    for expert in experts:
+        figures[family.EXPERT_NAMES[expert]] = train_expert(args, run_dir, cache, device, fam, expert, progress)
+    parts = list(figures.values())
+    out = {"experts": figures, "total": sum(f["total"] for f in parts), "seconds": sum(f["seconds"] for f in parts),
+           "peak_memory_gb": max(f.get("peak_memory_gb", 0.0) for f in parts),
+           "lora_sha256": {f"{e}/{k}": v for e, f in figures.items() for k, v in f.get("lora_sha256", {}).items()}}
+    if all(f.get("reused") for f in parts):
+        out["reused"] = True
+    return out
+
+
+def train_expert(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tensor], device: torch.device, fam: family.ModelFamily, expert: str,
+                 progress=None) -> dict:
+    """Train (or resume) one transformer's LoRA: the only model, or one expert of two."""
     from tqdm.auto import tqdm
 
-    train_dir = run_dir / "train"
+    two = fam.two_experts
+    train_dir = run_dir / "train" / family.EXPERT_NAMES[expert] if two else run_dir / "train"
+    lora_dir = lora_folders(run_dir, fam)[expert]
+    # the high-noise expert may get its own stage-1 budget; each expert draws its own noise
+    steps = args.steps
+    if two and expert == family.HIGH and args.high_noise_steps is not None:
+        steps = args.high_noise_steps
+    seed = args.seed + (1_000 if two and expert == family.LOW else 0)
     ref_keys = sorted(int(k.split(".")[1]) for k in cache if k.startswith("ref.") and k.endswith(".x0"))
-    total = args.steps + (args.ref_steps if ref_keys else 0)
+    total = steps + (args.ref_steps if ref_keys else 0)
     done_file = train_dir / "done.json"
-    if done_file.is_file() and read_json(done_file).get("total") == total and (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file():
-        log.info("training already finished (%d steps); reusing lora/", total)
+    if done_file.is_file() and read_json(done_file).get("total") == total and (lora_dir / "pytorch_lora_weights.safetensors").is_file():
+        log.info("training already finished (%d steps); reusing %s", total, lora_dir)
         return dict(read_json(done_file), reused=True)
     if total == 0:
         return {"total": 0, "seconds": 0.0}
 
     memory = memory_mode(args.memory, device)
-    transformer = load_transformer(args.model, device, memory)
+    transformer = load_transformer(args.model, device, memory, subfolder=expert)
     add_lora(transformer, args.rank, args.alpha, args.lora_targets, seed=args.seed)
     if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.type == "cuda"):
         transformer.enable_gradient_checkpointing()
@@ -191,12 +240,13 @@ def run(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tensor], devi
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=progress is False)
+    desc = f"train {family.EXPERT_NAMES[expert].replace('_', '-')}" if two else "train"
+    bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=progress is False)
     for step in range(start, total):
-        g = step_generator(args.seed, step)
-        key = sample_for_step(step, args.steps, ref_keys, args.ref_video_every, g)
+        g = step_generator(seed, step)
+        key = sample_for_step(step, steps, ref_keys, args.ref_video_every, g)
         x0, cond, image, text = samples[key]
-        sigma = method.sample_sigma(1, args.timesteps, g, shift=args.train_shift)
+        sigma = expert_sigma(method.sample_sigma(1, args.timesteps, g, shift=args.train_shift), fam, expert)
         noise = torch.randn(x0.shape, generator=g).to(device)
         loss = training_step(transformer, optimizer, x0, cond, text, image, sigma.to(device), noise, args.grad_clip)
         if not math.isfinite(loss):
@@ -208,20 +258,20 @@ def run(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tensor], devi
                              f"(now {args.lr:g}; try {args.lr / 10:g}) and run again with --restart")
         losses.append(loss)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", stage=1 if step < args.steps else 2)
+        bar.set_postfix(loss=f"{loss:.4f}", stage=1 if step < steps else 2)
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == total:
             save_checkpoint(ckpt_dir / f"step-{step + 1:06d}", step + 1, params, optimizer, losses)
             for old in sorted(ckpt_dir.glob("step-*"))[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
-            write_losses(train_dir, losses, sample_names(step + 1, args, ref_keys), args.steps)
+            write_losses(train_dir, losses, sample_names(step + 1, args, ref_keys, steps, seed), steps)
     bar.close()
     seconds = time.perf_counter() - t0
-    saved = save_lora(transformer, run_dir / "lora", args.rank, args.alpha, args.lora_targets)
+    saved = save_lora(transformer, lora_dir, args.rank, args.alpha, args.lora_targets, wan_name=wan_lora_name(fam, expert))
     peak = peak_memory_gb(device)
     del transformer, optimizer, params, samples
     release_memory()
     result = {
-        "total": total, "stage1_steps": args.steps, "stage2_steps": total - args.steps, "resumed_from": start,
+        "total": total, "stage1_steps": steps, "stage2_steps": total - steps, "resumed_from": start,
         "seconds": seconds, "seconds_per_step": seconds / max(1, total - start), "memory_mode": memory,
         "peak_memory_gb": peak, "final_loss": losses[-1] if losses else None,
     }

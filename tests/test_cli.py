@@ -165,7 +165,7 @@ def _bad(tiny_model, clip, tmp_path, **change):
     ("too short", "fewer than --frames"),
     ("empty mask", "mask is empty"),
     ("not wan", "not a Wan image-to-video model"),
-    ("wan 2.2", "is a Wan2.2 model"),
+    ("wan 2.2", "the 'transformer_2' folder is missing"),
     ("no model", "no such model folder"),
     ("size", "multiples of 16"),
     ("ref outside", "outside the clip"),

@@ -23,8 +23,8 @@ def test_frames_are_spread_evenly_or_strided():
         frame_indices(10, 17)
 
 
-def test_prepare_writes_lossless_frames_regions_and_plan(clip, tmp_path):
-    plan = prepare.run(_args(clip, tmp_path, ref=[f"8={clip['ref']}"]), tmp_path)
+def test_prepare_writes_lossless_frames_regions_and_plan(clip, tmp_path, tiny_model):
+    plan = prepare.run(_args(clip, tmp_path, ref=[f"8={clip['ref']}"], model=str(tiny_model)), tmp_path)
     assert (plan["width"], plan["height"], plan["frames"]) == (96, 64, 17)
     loaded = prepare.load(tmp_path)
     assert loaded["source"].shape == (17, 64, 96, 3) and loaded["region"].shape == (17, 64, 96)
