@@ -415,8 +415,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def progress_line(records: dict[str, dict], session: str, todo: int) -> str:
-    """'3/8 done, 2 running, 1 failed; ETA 12 min' for the jobs of this batch run."""
+def progress_line(records: dict[str, dict], session: str, todo: int, slots: int = 1) -> str:
+    """'3/8 done, 2 running, 1 failed; ETA 12 min' for the jobs of this batch run, `slots` of them
+    at a time (the most seen running at once)."""
     mine = [r for r in records.values() if r.get("session") == session]
     done = sum(r["status"] == "done" for r in records.values())
     failed = sum(r["status"] == "failed" for r in records.values())
@@ -424,7 +425,7 @@ def progress_line(records: dict[str, dict], session: str, todo: int) -> str:
     finished_here = [r["seconds"] for r in mine if r["status"] == "done" and "seconds" in r]
     left = todo - sum(r["status"] in ("done", "failed") for r in mine)
     if finished_here and left > 0:
-        eta = f"ETA {_duration(left * (sum(finished_here) / len(finished_here)) / max(1, running))}"
+        eta = f"ETA {_duration(left * (sum(finished_here) / len(finished_here)) / max(1, running, slots))}"
     else:
         eta = "ETA after the first job" if left > 0 else "finished"
     return f"{done}/{len(records)} done, {running} running, {failed} failed; {eta}"
@@ -458,8 +459,11 @@ def index_html(root: Path, rows: list[dict], counts: dict) -> str:
         render_name = r.get("render", "render")
         render = root / r["run"] / render_name
         status = r["status"]
+        links = [f"<a href='{run}/'>run folder</a>"] if (root / r["run"]).is_dir() else []
+        if (root / ".jobs" / f"{r['run']}.log").is_file():
+            links.append(f"<a href='.jobs/{run}.log'>log</a>")
         cells = [f"<td><b>{esc(r['name'])}</b><div class=small>{esc(', '.join(f'{k}={v}' for k, v in r['variant'].items()))}</div>"
-                 f"<div class=small><a href='{run}/'>run folder</a></div></td>",
+                 f"<div class=small>{' · '.join(links)}</div></td>",
                  f"<td class='{status}'>{esc(status)}" + (f" (attempt {r['attempt']})" if r.get("attempt", 1) > 1 else "")
                  + (f"<div class=err>{esc(r['error'])}</div>" if r.get("error") else "") + "</td>",
                  f"<td>{_duration(r['seconds']) if 'seconds' in r else ''}</td>",
@@ -515,6 +519,7 @@ def _ray_connect(address: str):
 
 def run_batch(args) -> int:
     jobs = load_jobs(args.jobs)
+    ray = _ray_connect(args.ray) if args.ray else None  # a missing cluster is reported before anything is written
     root = Path(args.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     session = uuid.uuid4().hex[:12]
@@ -528,15 +533,17 @@ def run_batch(args) -> int:
             st.unlink()
     write_summary(root, jobs, _records(root, jobs), started)
 
+    slots = [1]
+
     def report():
         records = _records(root, jobs)
         write_summary(root, jobs, records, started)
-        line = progress_line(records, session, len(todo))
+        slots[0] = max(slots[0], sum(r["status"] == "running" and r.get("session") == session for r in records.values()))
+        line = progress_line(records, session, len(todo), slots[0])
         if not args.quiet:
             log.info("batch: %s", line)
 
-    if args.ray:
-        ray = _ray_connect(args.ray)
+    if ray is not None:
         env = dict(WORKER_ENV, OMP_NUM_THREADS=str(args.cpus_per_job))
         task = ray.remote(run_job)
         pending = {}
