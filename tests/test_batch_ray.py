@@ -23,9 +23,9 @@ first-frame = "{clip['first_frame']}"
 mask = "{clip['mask']}"
 frames = 17
 size = "96x64"
-steps = 24
+steps = 12
 checkpoint-every = 2
-render-steps = 2
+render-steps = 1
 device = "cpu"
 
 [[job]]
@@ -60,7 +60,7 @@ def test_ray_batch_retries_a_killed_worker_and_resumes_to_the_same_lora(tiny_mod
             if state.is_file() and ckpts:
                 rec = read_json(state)
                 last = max(int(p.parent.name.split("-")[1]) for p in ckpts)
-                if rec["status"] == "running" and last < 24:  # 24 steps: the last checkpoint ends training
+                if rec["status"] == "running" and last < 12:  # 12 steps: the last checkpoint ends training
                     os.kill(rec["pid"], signal.SIGKILL)
                     killed.update(pid=rec["pid"], after=sorted(p.parent.name for p in ckpts))
                     return
