@@ -41,6 +41,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import loraedit  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch loads OpenMP)
+
 SEEDS = [101, 102, 103, 104, 105, 106, 107, 108]
 VARIANTS = {
     "no LoRA (stock I2V)": dict(mode="naive", lora=False, reference=False),

@@ -405,10 +405,11 @@ def through_vae(vae, video: np.ndarray) -> np.ndarray:
     the model can reproduce at best, the ceiling for any result that comes out of its decoder."""
     import torch
 
-    x = torch.from_numpy(video).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    p = next(vae.parameters())
+    x = torch.from_numpy(video).permute(3, 0, 1, 2)[None].to(p.device, torch.float32) / 127.5 - 1
     with torch.no_grad():
-        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample[0]
-    return ((rec.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        rec = vae.decode(vae.encode(x.to(p.dtype)).latent_dist.mode()).sample[0].float()
+    return ((rec.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
 
 
 def clip_metrics(result: np.ndarray, clip: WorldClip) -> dict[str, float]:

@@ -1,42 +1,71 @@
 #!/usr/bin/env python
 """Pre-train the bundled toy Wan2.1-I2V model on the procedural world (loraedit/world.py).
 
-    python scripts/pretrain_toy.py --seed 0 --out loraedit/toymodel
+    # the shipped model: the transformer trained on one GPU (about 4 minutes on an H100/H200), the VAE and
+    # the frozen encoders taken over byte for byte from --init-from (the earlier CPU run, below)
+    python scripts/pretrain_toy.py --device cuda --init-from loraedit/toymodel --out runs/toymodel --budget 230
+
+    # everything from scratch on a CPU (the recipe of the first bundled model; 2-core CPU: ~80 min at these sizes)
+    python scripts/pretrain_toy.py --device cpu --threads 2 --init-from none --layers 6 --heads 4 --ffn 512 \
+        --dit-clips 256 --dit-variants 1 --dit-steps 4500 --dit-batch 4 --dit-lr 3e-4
 
 Same classes and folder layout as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers (see loraedit/tiny.py for the
-text/image encoders); only the sizes differ. Four phases, all on the CPU:
+text/image encoders); only the sizes differ. Four phases:
 
 1. VAE (AutoencoderKLWan, real 4x temporal / 8x spatial factors, 16 latent channels): reconstruction
    (L1 + MSE of the decoded distribution mode, weighted up on the main object, a small L2 on the
    latents) on random 9-frame 64x64 crops (first frame alone + two 4-frame chunks, so the causal
    cache is trained) of world clips, source and edited truth, half of the crops centred on the object.
-2. Encoding: the per-channel latent mean/std are measured on the training clips and written into the
-   VAE config (`latents_mean` / `latents_std`), exactly the convention of the real model.
+   Skipped with --init-from FOLDER: that folder's VAE (and latent mean/std) is used unchanged.
+2. Data: world clips rendered on all CPU cores (each clip is a pure function of its seed), encoded
+   with the VAE in batches on --device: source and edited truth, each also mirrored (--dit-variants 4),
+   stock I2V condition latents (`method.stock_plan`: first frame, then zeros), CLIP embeddings of the
+   first frame, UMT5 embeddings of the caption. Without --init-from the per-channel latent mean/std
+   are measured here and written into the VAE config, the convention of the real model.
 3. Transformer (WanTransformer3DModel, 36-channel I2V input): flow matching with the **stock** I2V
-   condition only (first frame kept, everything else generated: `method.stock_plan`), on
-   17-frame 128x128 clips encoded once with the trained VAE, captions from the world (10% empty),
-   CLIP image embeddings of the first frame; weights averaged with an EMA.
-4. Decoder refinement: more reconstruction training for the VAE decoder alone on full 17-frame
-   crops (encoder frozen, so the transformer's latents and the latent mean/std stay valid).
+   condition only (first frame kept, everything else generated), captions from the world (10% empty);
+   weights averaged with an EMA (the EMA is what is saved). A held-out evaluation follows: velocity
+   loss at fixed noise levels and stock-I2V rollouts (20 sampling steps) scored against the world's truth.
+4. Decoder refinement (only when the VAE was trained here): the decoder alone on full 17-frame crops
+   (encoder frozen, so the transformer's latents and the latent mean/std stay valid).
 
-Every number that shapes the result is a flag; the defaults are the run that produced the shipped
-weights (see loraedit/toymodel/MODEL_CARD.md). Every schedule counts steps, never wall time, and
-every random draw comes from a generator seeded from --seed, so a run is a pure function of its
-flags, the torch version and --threads (the shipped run: --seed 0 --threads 2, torch 2.13.0 CPU).
+Every number that shapes the result is a flag. Every schedule counts steps, never wall time, and every
+random draw comes from a generator seeded from --seed, so the weights are a pure function of the flags,
+the torch build and the device kind (and --threads on a CPU). On CUDA the run is made deterministic
+(torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, cuDNN deterministic, the math attention
+kernel, TF32 fixed on) and --check-determinism trains a few steps twice and compares the bytes.
+
+--budget S is a guard for machines lent by the minute: after --dit-calibrate steps (still inside the
+fixed-length warm-up, whose learning rates do not depend on --dit-steps) it times the transformer's
+steps and, if --dit-steps would not finish within S seconds of the start, lowers --dit-steps to what
+fits. The value used is printed and recorded in training.json; rerunning with that --dit-steps (and no
+--budget) gives the same weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import hashlib
 import json
 import math
+import multiprocessing
+import os
+import shutil
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
-import torch
+
+# before torch loads OpenMP / CUDA: sleeping worker threads (see loraedit/__init__.py), and the cuBLAS
+# workspace setting that deterministic CUDA matrix products require
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,31 +74,58 @@ from loraedit import method  # noqa: E402
 from loraedit.world import make_clip  # noqa: E402
 
 TRAIN_SEED_BASE = 1_000_000  # world seeds used for pre-training start here (demo/bench/tests use small seeds)
+EVAL_SEEDS = [3, 101, 102, 103, 104, 105, 106, 107, 108]  # the demo's clip and the claims bench's: never trained on
 
 VAE_CONFIG = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                   temperal_downsample=[False, True, True])
-TRANSFORMER_OVERRIDES = dict(num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=6,
-                             added_kv_proj_dim=128, freq_dim=64, rope_max_seq_len=64)
+# components other than the transformer that --init-from takes over byte for byte
+FROZEN_PARTS = ("vae", "text_encoder", "image_encoder", "tokenizer", "scheduler", "image_processor")
+
+T_START = time.time()
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T_START:5.0f}s] {msg}", flush=True)
 
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """(F, H, W, 3) uint8 → (3, F, H, W) float in [-1, 1]."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
-def build_pipeline(seed: int):
-    from diffusers import AutoencoderKLWan
+def transformer_config(args) -> dict:
+    from loraedit.tiny import tiny_transformer_config
+
+    return tiny_transformer_config(num_attention_heads=args.heads, attention_head_dim=args.head_dim,
+                                   ffn_dim=args.ffn, num_layers=args.layers, freq_dim=64, rope_max_seq_len=64)
+
+
+def new_transformer(args, device):
+    """A freshly initialised transformer: built on the CPU from the seed, so the start is the same on any device."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(args.seed + 5)
+    return WanTransformer3DModel(**transformer_config(args)).to(device)
+
+
+def build_pipeline(args, device):
+    """The pipeline whose transformer is trained: frozen parts from --init-from, or all new (VAE to train)."""
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
 
     from loraedit.tiny import build_tiny_pipeline
 
-    pipe = build_tiny_pipeline(seed=seed, transformer_overrides=TRANSFORMER_OVERRIDES)
-    torch.manual_seed(seed + 1)
-    pipe.vae = AutoencoderKLWan(**VAE_CONFIG)
-    pipe.register_modules(vae=pipe.vae)
+    transformer = new_transformer(args, torch.device("cpu"))
+    if args.init_from:
+        pipe = WanImageToVideoPipeline.from_pretrained(args.init_from, transformer=transformer)
+    else:
+        pipe = build_tiny_pipeline(seed=args.seed)
+        torch.manual_seed(args.seed + 1)
+        pipe.vae = AutoencoderKLWan(**VAE_CONFIG)
+        pipe.transformer = transformer
+        pipe.register_modules(vae=pipe.vae, transformer=transformer)
+    pipe.to(device)
+    for part in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
+        part.eval()
     return pipe
 
 
@@ -83,7 +139,99 @@ def lr_at(p: float, base: float, warmup: float = 0.03) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (p - warmup) / (1 - warmup))))
 
 
-# ---------------------------------------------------------------- phase 1: the VAE
+def lr_at_step(step: int, steps: int, warmup: int, base: float) -> float:
+    """Linear warm-up over a fixed number of steps (independent of `steps`, so --budget can shorten a run
+    during it), then a cosine down to 0.1 x base at `steps`."""
+    if step < warmup:
+        return base * (0.1 + 0.9 * step / warmup)
+    p = (step - warmup) / max(steps - warmup, 1)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+def configure_determinism(device: torch.device) -> None:
+    # warn_only: an op without a deterministic kernel would show up as a warning in the log instead of
+    # ending a run on a machine lent for minutes; --check-determinism then says whether the bytes repeat
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        # TF32 is fixed on (not left to a default that may differ between builds): same kernels, same bits
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def attention_kernel(device: torch.device):
+    """The math kernel for scaled-dot-product attention on CUDA: the fused kernels' backward passes add with
+    atomics (not bitwise repeatable); at 320 tokens the math kernel costs little."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def state_digest(module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- world clips, rendered on every core
+
+
+def _render_init() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _render(seed: int):
+    return make_clip(seed)
+
+
+@dataclasses.dataclass
+class TrainingClip:
+    """What the transformer's data set needs of a WorldClip (a third of its bytes to send between processes)."""
+    source: np.ndarray
+    truth: np.ndarray
+    caption: str
+    edited_caption: str
+
+
+def _render_for_training(seed: int) -> TrainingClip:
+    c = make_clip(seed)
+    return TrainingClip(c.source, c.truth, c.caption, c.edited_caption)
+
+
+class ClipRenderer:
+    """World clips rendered by a pool of processes. Each clip is a pure function of its seed, so how the
+    work is spread changes nothing. The pool is forked at start-up, before torch has started any threads
+    or touched the GPU, and renders while the models load; results come back in the order asked for."""
+
+    def __init__(self, workers: int):
+        self.pool = None
+        if workers > 1:
+            self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_render_init)
+
+    def clips(self, seeds, for_training: bool = False):
+        fn = _render_for_training if for_training else _render
+        if self.pool is None:
+            return (fn(s) for s in seeds)
+        return self.pool.imap(fn, list(seeds), chunksize=2)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+# ---------------------------------------------------------------- phase 1: the VAE (skipped with --init-from)
 
 
 def vae_crop(clip, rng: np.random.Generator, frames: int, size: int, centred: float) -> tuple[np.ndarray, np.ndarray]:
@@ -117,11 +265,11 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor,
     return l1, mse
 
 
-def train_vae(vae, args, history: dict, eval_clips) -> None:
+def train_vae(vae, args, history: dict, eval_clips, renderer: ClipRenderer, device) -> None:
     rng = np.random.default_rng(args.seed)
     pool_seeds = [TRAIN_SEED_BASE + i for i in range(args.vae_clips)]
     log(f"VAE: rendering {len(pool_seeds)} clips")
-    pool = [make_clip(s) for s in pool_seeds]
+    pool = list(renderer.clips(pool_seeds))
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     t0 = time.time()
@@ -130,8 +278,8 @@ def train_vae(vae, args, history: dict, eval_clips) -> None:
             g["lr"] = lr_at(progress(step, args.vae_steps), args.vae_lr)
         crops = [vae_crop(pool[rng.integers(len(pool))], rng, args.vae_frames, args.vae_crop, 0.5)
                  for _ in range(args.vae_batch)]
-        x = torch.stack([to_tensor(c) for c, _ in crops])
-        alpha = torch.from_numpy(np.stack([a for _, a in crops]))
+        x = torch.stack([to_tensor(c) for c, _ in crops]).to(device)
+        alpha = torch.from_numpy(np.stack([a for _, a in crops])).to(device)
         # deterministic: the engine encodes with the distribution's mode, and sampling with the
         # untrained (unit) variance drowns the latents in noise and stalls training at ~17 dB
         z = vae.encode(x).latent_dist.mode()
@@ -161,11 +309,11 @@ def train_vae(vae, args, history: dict, eval_clips) -> None:
     vae.eval()
 
 
-def refine_decoder(vae, args, history: dict) -> None:
+def refine_decoder(vae, args, history: dict, renderer: ClipRenderer, device) -> None:
     """Phase 4: more training for the decoder alone. The encoder is frozen, so the latents the
     transformer was trained on (and their mean/std) do not change; only the pictures get sharper."""
     rng = np.random.default_rng(args.seed + 3)
-    pool = [make_clip(TRAIN_SEED_BASE + 200_000 + i) for i in range(args.vae_clips)]
+    pool = list(renderer.clips([TRAIN_SEED_BASE + 200_000 + i for i in range(args.vae_clips)]))
     for q in vae.parameters():
         q.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
@@ -179,8 +327,8 @@ def refine_decoder(vae, args, history: dict) -> None:
             g["lr"] = lr_at(progress(step, args.dec_steps), args.dec_lr, warmup=0.0)
         crops = [vae_crop(pool[rng.integers(len(pool))], rng, args.dec_frames, args.vae_crop, 0.5)
                  for _ in range(args.dec_batch)]
-        x = torch.stack([to_tensor(c) for c, _ in crops])
-        alpha = torch.from_numpy(np.stack([a for _, a in crops]))
+        x = torch.stack([to_tensor(c) for c, _ in crops]).to(device)
+        alpha = torch.from_numpy(np.stack([a for _, a in crops])).to(device)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mode()
         rec = vae.decode(z).sample
@@ -200,48 +348,6 @@ def refine_decoder(vae, args, history: dict) -> None:
     history["dec_seconds"] = time.time() - t0
 
 
-# ---------------------------------------------------------------- phase 2: encode the data set
-
-
-@torch.no_grad()
-def encode_dataset(pipe, args, history: dict) -> dict:
-    from PIL import Image
-
-    vae = pipe.vae
-    n = args.dit_clips
-    t0 = time.time()
-    xs, ys, imgs, texts = [], [], [], []
-    empty_text = pipe.encode_prompt("", do_classifier_free_guidance=False, max_sequence_length=512)[0]
-    for i in range(n):
-        clip = make_clip(TRAIN_SEED_BASE + 100_000 + i)
-        # a quarter of the clips are the edited truth (more colours), half are mirrored (more directions)
-        src = clip.truth if i % 4 >= 2 else clip.source
-        caption = clip.edited_caption if i % 4 >= 2 else clip.caption
-        if i % 2 == 1:
-            src = np.ascontiguousarray(src[:, :, ::-1])
-        video = to_tensor(src)  # (3, F, H, W)
-        cond, _keep = method.stock_plan(video[:, 0], video.shape[1])  # (F, 3, H, W)
-        pair = torch.stack([video, cond.permute(1, 0, 2, 3)])
-        z = vae.encode(pair).latent_dist.mode()
-        xs.append(z[0])
-        ys.append(z[1])
-        imgs.append(pipe.encode_image(Image.fromarray(src[0]), device="cpu")[0])
-        texts.append(pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=512)[0][0])
-        if i % 20 == 0:
-            log(f"encoded {i + 1}/{n} clips ({time.time() - t0:.0f}s)")
-    x = torch.stack(xs)
-    mean = x.mean(dim=(0, 2, 3, 4))
-    std = x.std(dim=(0, 2, 3, 4))
-    vae.register_to_config(latents_mean=[round(float(v), 5) for v in mean],
-                           latents_std=[round(float(v), 5) for v in std])
-    history["encode_seconds"] = time.time() - t0
-    return {
-        "x0": method.normalize_latents(x, mean, std),
-        "y": method.normalize_latents(torch.stack(ys), mean, std),
-        "image": torch.stack(imgs), "text": torch.stack(texts), "empty_text": empty_text[0],
-    }
-
-
 @torch.no_grad()
 def vae_eval(vae, clips) -> dict:
     """The true edited video of held-out clips through the VAE, scored by the world's metrics: the
@@ -257,81 +363,338 @@ def vae_eval(vae, clips) -> dict:
     return {k: round(float(np.nanmean([r[k] for r in rows])), 3) for k in rows[0]}
 
 
+# ---------------------------------------------------------------- phase 2: the data set, encoded on --device
+
+
+VARIANTS = ("source", "source mirrored", "truth", "truth mirrored")
+
+
+def clip_variants(clip, names):
+    """Videos made from one clip, by name (VARIANTS: the edited truth gives more colours, mirroring more
+    directions of motion) — (frames, caption) each."""
+    out = []
+    for name in names:
+        frames = clip.truth if name.startswith("truth") else clip.source
+        caption = clip.edited_caption if name.startswith("truth") else clip.caption
+        if name.endswith("mirrored"):
+            frames = frames[:, :, ::-1]
+        out.append((np.ascontiguousarray(frames), caption))
+    return out
+
+
+@torch.no_grad()
+def encode_videos(pipe, videos: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F, H, W, 3) uint8 videos → raw source latents, raw stock-condition latents (B, 16, T, h, w) and
+    CLIP embeddings of the first frames, all computed on `device`."""
+    from PIL import Image
+
+    # uint8 to the device, converted there: the host would otherwise spend longer than the encoder
+    video = torch.from_numpy(np.stack(videos)).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+    # (B, 3, F, H, W) in [-1, 1]
+    cond = torch.zeros_like(video)
+    cond[:, :, 0] = video[:, :, 0]  # method.stock_plan for the batch: first frame, then zeros
+    z = pipe.vae.encode(torch.cat([video, cond])).latent_dist.mode()
+    image = pipe.encode_image([Image.fromarray(v[0]) for v in videos], device=device)
+    return z[:len(videos)], z[len(videos):], image
+
+
+@torch.no_grad()
+def encode_dataset(pipe, clips, variants: int, batch: int, device, log_every: int = 0, names=None) -> dict:
+    """Encode clips (an iterable of WorldClip; the first `variants` of VARIANTS, or those `names`, of each)
+    in batches of `batch` videos. Raw latents; captions as indices into `captions` (each distinct caption
+    is encoded once)."""
+    names = names or VARIANTS[:variants]
+    xs, ys, imgs, caption_of = [], [], [], []
+    pending: list[tuple[np.ndarray, str]] = []
+    t0 = time.time()
+    n_clips = 0
+
+    def flush():
+        x, y, img = encode_videos(pipe, [v for v, _ in pending], device)
+        xs.append(x), ys.append(y), imgs.append(img)
+        caption_of.extend(c for _, c in pending)
+        pending.clear()
+
+    for clip in clips:
+        pending.extend(clip_variants(clip, names))
+        n_clips += 1
+        if len(pending) >= batch:
+            flush()
+        if log_every and n_clips % log_every == 0:
+            log(f"encoded {n_clips} clips ({len(caption_of) + len(pending)} videos, {time.time() - t0:.0f}s)")
+    if pending:
+        flush()
+    captions = sorted(set(caption_of))
+    index = {c: i for i, c in enumerate(captions)}
+    return {"x0": torch.cat(xs), "y": torch.cat(ys), "image": torch.cat(imgs),
+            "text_idx": torch.tensor([index[c] for c in caption_of], device=device), "captions": captions}
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: list[str], device, batch: int = 64) -> torch.Tensor:
+    """UMT5 embeddings (N, 512, D) of distinct captions (Wan pads every prompt to 512 tokens)."""
+    out = [pipe.encode_prompt(captions[i:i + batch], do_classifier_free_guidance=False, max_sequence_length=512,
+                              device=device)[0] for i in range(0, len(captions), batch)]
+    return torch.cat(out)
+
+
+def finish_dataset(pipe, data: dict, mean: torch.Tensor, std: torch.Tensor, device) -> dict:
+    """Normalise the latents into model space and encode the captions (and the empty one)."""
+    data["x0"] = method.normalize_latents(data["x0"], mean, std)
+    data["y"] = method.normalize_latents(data["y"], mean, std)
+    data["text"] = encode_captions(pipe, data["captions"], device)
+    data["empty_text"] = encode_captions(pipe, [""], device)[0]
+    return data
+
+
 # ---------------------------------------------------------------- phase 3: the transformer
 
 
-def train_transformer(pipe, data: dict, args, history: dict):
-    tr = pipe.transformer
+def stock_keep(data: dict) -> torch.Tensor:
+    T, h, w = data["x0"].shape[2:]
+    keep = torch.zeros(1 + 4 * (T - 1), h, w)
+    keep[0] = 1.0  # the stock I2V mask: frame 0 kept, everything else generated
+    return keep
+
+
+def train_transformer(tr, data: dict, args, device, history: dict | None = None, stop_at: int | None = None):
+    """Flow matching on the stock I2V condition; returns (the EMA copy, steps planned, steps run)."""
     tr.train()
     ema = copy.deepcopy(tr).eval()
     for q in ema.parameters():
         q.requires_grad_(False)
-    opt = torch.optim.AdamW(tr.parameters(), lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
-    gen = torch.Generator().manual_seed(args.seed + 7)
-    n, T, h, w = data["x0"].shape[0], data["x0"].shape[2], data["x0"].shape[3], data["x0"].shape[4]
-    keep = torch.zeros(1 + 4 * (T - 1), h, w)
-    keep[0] = 1.0  # the stock I2V mask
+    params = [p for p in tr.parameters()]
+    ema_params = [p for p in ema.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.01,
+                            fused=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(args.seed + 7)  # batches, caption dropout, noise
+    sigma_gen = torch.Generator().manual_seed(args.seed + 8)  # noise levels (method.sample_sigma draws on the CPU)
+    n = data["x0"].shape[0]
+    keep = stock_keep(data)
+    B = args.dit_batch
+    half = B // 2
+    steps = args.dit_steps
+    stop = min(steps, stop_at if stop_at is not None else (args.dit_stop_at or steps))
+    losses: list[torch.Tensor] = []
     t0 = time.time()
-    for step in range(args.dit_steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(progress(step, args.dit_steps), args.dit_lr)
-        idx = torch.randint(0, n, (args.dit_batch,), generator=gen)
-        x0, y = data["x0"][idx], data["y"][idx]
-        text = data["text"][idx].clone()
-        drop = torch.rand(args.dit_batch, generator=gen) < 0.1
-        text[drop] = data["empty_text"]
-        cond = method.condition_tensor(y, keep)
-        half = args.dit_batch // 2
-        sigma = torch.cat([method.sample_sigma(half, "uniform", gen),
-                           method.sample_sigma(args.dit_batch - half, "shifted", gen, shift=3.0)])
-        noise = torch.randn(x0.shape, generator=gen)
-        loss = method.velocity_loss(tr, x0, cond, text, data["image"][idx], sigma, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
-        opt.step()
-        d = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pt in zip(ema.parameters(), tr.parameters()):
-                pe.lerp_(pt, 1 - d)
-        history["dit"].append({"step": step, "loss": float(loss), "seconds": time.time() - t0})
-        if step % 25 == 0:
-            recent = np.mean([r["loss"] for r in history["dit"][-25:]])
-            el = time.time() - t0
-            eta = el / max(step, 1) * (args.dit_steps - step)
-            log(f"DiT step {step}/{args.dit_steps} loss={float(loss):.4f} (mean of last 25: {recent:.4f}) "
-                f"({el / 60:.1f} min, ETA {eta / 60:.1f} min)")
-    history["dit_steps"] = args.dit_steps
-    history["dit_seconds"] = time.time() - t0
-    return ema
+    t_cal = None
+    step = 0
+    with attention_kernel(device):
+        while step < min(steps, stop):
+            for g in opt.param_groups:
+                g["lr"] = lr_at_step(step, steps, args.dit_warmup, args.dit_lr)
+            idx = torch.randint(0, n, (B,), generator=gen, device=device)
+            x0, y, image = data["x0"][idx], data["y"][idx], data["image"][idx]
+            drop = torch.rand(B, generator=gen, device=device) < 0.1
+            text = torch.where(drop[:, None, None], data["empty_text"][None], data["text"][data["text_idx"][idx]])
+            sigma = torch.cat([method.sample_sigma(half, "uniform", sigma_gen),
+                               method.sample_sigma(B - half, "shifted", sigma_gen, shift=3.0)]).to(device)
+            noise = torch.randn(x0.shape, generator=gen, device=device)
+            cond = method.condition_tensor(y, keep)
+            loss = method.velocity_loss(tr, x0, cond, text, image, sigma, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            d = min(args.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1 - d)
+            losses.append(loss.detach())
+            step += 1
+            if history is None:
+                continue
+            # --budget: time the steps once (inside the fixed warm-up, so shortening changes no earlier step)
+            if args.budget and step == args.dit_calibrate // 3:
+                sync(device)
+                t_cal = time.time()
+            if args.budget and step == args.dit_calibrate and t_cal is not None:
+                sync(device)
+                per_step = (time.time() - t_cal) / (step - args.dit_calibrate // 3)
+                left = args.budget - args.budget_reserve - (time.time() - T_START)
+                fits = step + int(left / per_step)
+                history["dit_seconds_per_step"] = per_step
+                log(f"budget: {per_step * 1000:.1f} ms/step; {left:.0f}s left for training → {fits} steps fit")
+                if fits < steps:
+                    history["dit_steps_requested"] = steps
+                    steps = max(fits, step + 1)
+                    log(f"budget: --dit-steps {args.dit_steps} → {steps} (rerun with --dit-steps {steps} "
+                        "to reproduce these weights)")
+            if step % args.log_every == 0 or step == min(steps, stop):
+                vals = torch.stack(losses).float().cpu().tolist()
+                history["dit"].extend({"step": step - len(vals) + i, "loss": v} for i, v in enumerate(vals))
+                losses.clear()
+                el = time.time() - t0
+                recent = float(np.mean([r["loss"] for r in history["dit"][-args.log_every:]]))
+                eta = el / step * (min(steps, stop) - step)
+                log(f"DiT step {step}/{steps} loss {recent:.4f} (mean of last {args.log_every}) "
+                    f"lr {lr_at_step(step, steps, args.dit_warmup, args.dit_lr):.2e} ({el:.0f}s, ETA {eta:.0f}s)")
+                if (args.budget and args.dit_calibrate < step < min(steps, stop)
+                        and time.time() - T_START > args.budget - args.budget_reserve / 2):
+                    history["dit_stopped_at"] = step
+                    log(f"budget: stopping at step {step} of {steps} (reproduce with --dit-steps {steps} "
+                        f"--dit-stop-at {step})")
+                    break
+    sync(device)
+    if history is not None:
+        history["dit_steps"] = steps
+        history["dit_steps_run"] = step
+        history["dit_seconds"] = time.time() - t0
+    return ema, steps, step
+
+
+# ---------------------------------------------------------------- held-out evaluation
 
 
 @torch.no_grad()
-def dit_eval(transformer, data: dict, n: int, seed: int) -> dict:
-    """Velocity loss at fixed σ on the first n clips (same noise each time): a comparable number."""
+def velocity_eval(transformer, data: dict, seed: int, device) -> dict:
+    """Velocity loss at fixed σ with fixed noise on held-out clips: a comparable number across runs."""
     gen = torch.Generator().manual_seed(seed)
-    n = min(n, data["x0"].shape[0])
-    T, h, w = data["x0"].shape[2:]
-    keep = torch.zeros(1 + 4 * (T - 1), h, w)
-    keep[0] = 1.0
+    keep = stock_keep(data)
+    cond = method.condition_tensor(data["y"], keep)
+    text = data["text"][data["text_idx"]]
     out = {}
-    for s in (0.25, 0.5, 0.75):
-        losses = []
-        for i in range(n):
-            noise = torch.randn(data["x0"][i:i + 1].shape, generator=gen)
-            cond = method.condition_tensor(data["y"][i:i + 1], keep)
-            losses.append(float(method.velocity_loss(transformer, data["x0"][i:i + 1], cond, data["text"][i:i + 1],
-                                                     data["image"][i:i + 1], torch.tensor([s]), noise)))
-        out[f"sigma_{s}"] = float(np.mean(losses))
+    with attention_kernel(device):
+        for s in (0.25, 0.5, 0.75):
+            noise = torch.randn(data["x0"].shape, generator=gen).to(device)
+            sigma = torch.full((data["x0"].shape[0],), s, device=device)
+            out[f"sigma_{s}"] = round(float(method.velocity_loss(transformer, data["x0"], cond, text, data["image"],
+                                                                 sigma, noise)), 4)
     return out
 
 
-def main(argv=None) -> int:
+@torch.no_grad()
+def rollout_eval(pipe, transformer, data: dict, clips, args, device) -> dict:
+    """Stock I2V with no LoRA, as `loraedit edit --steps 0 --mode naive` renders it: from each held-out
+    clip's source first frame (scored against the source) and from its edited first frame (scored
+    against the true edit); 20 UniPC steps, shift 5, guidance 1. Means of world.clip_metrics."""
+    from diffusers import UniPCMultistepScheduler
+
+    from loraedit.world import clip_metrics
+
+    scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=args.eval_shift)
+    keep = stock_keep(data)
+    cond = method.condition_tensor(data["y"], keep)
+    text = data["text"][data["text_idx"]]
+    noise = torch.randn(data["x0"].shape, generator=torch.Generator().manual_seed(args.seed + 13)).to(device)
+    with attention_kernel(device):
+        lat = method.sample_latents(transformer, scheduler, noise, cond, text, None, data["image"],
+                                    steps=args.eval_render_steps, guidance=1.0)
+    vae = pipe.vae
+    mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
+    rows = {"from source frame 0": [], "from edited frame 0": []}
+    for i, clip in enumerate(clips):
+        for j, (name, target) in enumerate((("from source frame 0", dataclasses.replace(clip, truth=clip.source)),
+                                            ("from edited frame 0", clip))):
+            z = method.denormalize_latents(lat[2 * i + j:2 * i + j + 1], mean, std)
+            video = vae.decode(z).sample[0].clamp(-1, 1)
+            frames = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().byte().cpu().numpy()
+            rows[name].append(clip_metrics(frames, target))
+    keys = ("psnr_in", "colour_err_in", "psnr_out", "first_psnr", "temporal_err")
+    return {name: {k: round(float(np.nanmean([r[k] for r in rs])), 2) for k in keys} for name, rs in rows.items()}
+
+
+# ---------------------------------------------------------------- saving and packing
+
+
+def save_model(pipe, ema, args, out: Path) -> None:
+    """The model folder: the trained transformer (safetensors, sharded at --max-shard-size) and, with
+    --init-from, that folder's other parts copied byte for byte."""
+    out.mkdir(parents=True, exist_ok=True)
+    init = Path(args.init_from) if args.init_from else None
+    if init is None:
+        pipe.transformer = ema
+        pipe.register_modules(transformer=ema)
+        pipe.save_pretrained(out, safe_serialization=True)
+    elif init.resolve() != out.resolve():
+        for part in FROZEN_PARTS:
+            if (init / part).is_dir():
+                shutil.rmtree(out / part, ignore_errors=True)
+                shutil.copytree(init / part, out / part)
+        shutil.copy2(init / "model_index.json", out / "model_index.json")
+    shutil.rmtree(out / "transformer", ignore_errors=True)  # no stale shard may outlive a new save
+    ema.to("cpu").save_pretrained(out / "transformer", safe_serialization=True, max_shard_size=args.max_shard_size)
+
+
+def weight_hashes(out: Path) -> dict[str, str]:
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*.safetensors"))}
+
+
+def pack(folder: Path, dest: Path, part_bytes: int) -> list[Path]:
+    """The model folder as one tar (sorted, fixed times and owners) split into parts of ≤ part_bytes,
+    for return paths that limit the size and number of files: cat PARTS > x.tar; tar xf x.tar."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for p in [folder, *sorted(folder.rglob("*"))]:
+            info = tar.gettarinfo(str(p), arcname=(Path(folder.name) / p.relative_to(folder)).as_posix())
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            info.mode = 0o644 if p.is_file() else 0o755
+            if p.is_file():
+                with open(p, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+    data = buf.getvalue()
+    dest.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i in range(0, len(data), part_bytes):
+        parts.append(dest / f"{folder.name}.tar.part{i // part_bytes:02d}")
+        parts[-1].write_bytes(data[i:i + part_bytes])
+    (dest / f"{folder.name}.tar.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  {folder.name}.tar\n")
+    return parts
+
+
+# ---------------------------------------------------------------- the run
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(ROOT / "loraedit" / "toymodel"))
+    ap.add_argument("--device", default="cuda", help="cuda (the shipped run) or cpu")
+    ap.add_argument("--init-from", dest="init_from", default=str(ROOT / "loraedit" / "toymodel"),
+                    help="take the VAE, text/image encoders, tokenizer and scheduler from this model folder unchanged "
+                         "and train only a new transformer (default: the bundled model); 'none': train the VAE too")
+    ap.add_argument("--out", default="runs/toymodel")
+    ap.add_argument("--pack", default=None, metavar="DIR",
+                    help="also write the model folder as a tar split into parts of --pack-part-mb in DIR")
+    ap.add_argument("--pack-part-mb", type=float, default=15.0)
+    ap.add_argument("--max-shard-size", default="15MB", help="safetensors shard size of the transformer")
     ap.add_argument("--threads", type=int, default=2,
-                    help="torch threads; part of what the result depends on (the shipped run used 2)")
+                    help="torch CPU threads; on a CPU part of what the result depends on (the first model used 2)")
+    ap.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
+                    help="processes that render world clips (does not change the result)")
+    ap.add_argument("--budget", type=float, default=0.0, metavar="SECONDS",
+                    help="lower --dit-steps, after timing the first steps, so the run ends within this many seconds")
+    ap.add_argument("--budget-reserve", type=float, default=25.0,
+                    help="seconds kept for the evaluation and saving after training")
+    ap.add_argument("--check-determinism", type=int, default=0, metavar="STEPS",
+                    help="before training, train this many steps twice from scratch and compare the weights' bytes")
+    # transformer
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--head-dim", type=int, default=32)
+    ap.add_argument("--ffn", type=int, default=768)
+    ap.add_argument("--dit-clips", type=int, default=2048, help="world clips to train on")
+    ap.add_argument("--dit-variants", type=int, default=4, choices=(1, 2, 4),
+                    help="per clip: source; + mirrored; + the edited truth and its mirror")
+    ap.add_argument("--encode-batch", type=int, default=64, help="videos per VAE encoding batch")
+    ap.add_argument("--dit-steps", type=int, default=6000)
+    ap.add_argument("--dit-stop-at", type=int, default=0, help="stop after this many steps of the --dit-steps schedule")
+    ap.add_argument("--dit-batch", type=int, default=64)
+    ap.add_argument("--dit-lr", type=float, default=5e-4)
+    ap.add_argument("--dit-warmup", type=int, default=300, help="warm-up steps (fixed, so --budget can shorten a run)")
+    ap.add_argument("--dit-calibrate", type=int, default=120, help="--budget times the steps up to this one")
+    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--eval-clips", type=int, default=len(EVAL_SEEDS), help=f"held-out clips (world seeds {EVAL_SEEDS})")
+    ap.add_argument("--eval-render-steps", type=int, default=20)
+    ap.add_argument("--eval-shift", type=float, default=5.0)
+    ap.add_argument("--no-eval-baseline", dest="eval_baseline", action="store_false",
+                    help="skip evaluating the --init-from folder's own transformer for comparison")
+    # VAE (only without --init-from)
     ap.add_argument("--vae-steps", type=int, default=2200)
     ap.add_argument("--vae-batch", type=int, default=4)
     ap.add_argument("--vae-frames", type=int, default=9)
@@ -342,56 +705,144 @@ def main(argv=None) -> int:
                     help="extra loss weight on the main object's pixels (1 + w * coverage)")
     ap.add_argument("--vae-clips", type=int, default=96)
     ap.add_argument("--vae-eval-every", type=int, default=300)
-    ap.add_argument("--eval-clips", type=int, default=4)
-    ap.add_argument("--dit-clips", type=int, default=256)
-    ap.add_argument("--dit-steps", type=int, default=4500)
-    ap.add_argument("--dit-batch", type=int, default=4)
-    ap.add_argument("--dit-lr", type=float, default=3e-4)
-    ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--dec-steps", type=int, default=300)
     ap.add_argument("--dec-lr", type=float, default=2e-4)
     ap.add_argument("--dec-frames", type=int, default=17, help="full clips, so every causal chunk is refined")
     ap.add_argument("--dec-batch", type=int, default=2)
     args = ap.parse_args(argv)
+    if args.init_from and args.init_from.lower() == "none":
+        args.init_from = None
+    if args.init_from and not (Path(args.init_from) / "model_index.json").is_file():
+        ap.error(f"--init-from {args.init_from}: not a model folder (no model_index.json); pass one, or 'none'")
+    if args.budget and args.dit_calibrate >= args.dit_warmup:
+        ap.error("--dit-calibrate must be below --dit-warmup (the budget may only shorten a run inside the warm-up)")
+    if args.dit_batch < 2:
+        ap.error("--dit-batch must be at least 2 (half the noise levels uniform, half shifted)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    renderer = ClipRenderer(args.workers)  # forked first: before torch starts threads or touches the GPU
+    try:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("pretrain_toy: error: --device cuda but torch sees no GPU; use --device cpu", file=sys.stderr)
+            return 2
+        return run(args, device, renderer)
+    finally:
+        renderer.close()
+
+
+def run(args, device, renderer: ClipRenderer) -> int:
+    import diffusers
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    configure_determinism(device)
     np.random.seed(args.seed)
-    t_all = time.time()
-    history: dict = {"args": {k: v for k, v in vars(args).items() if k != "out"},
-                     "torch": torch.__version__, "vae": [], "dit": [], "dec": []}
-    pipe = build_pipeline(args.seed)
-    log(f"VAE {sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f}M params, transformer "
+    history: dict = {"args": {k: v for k, v in vars(args).items() if k not in ("out", "pack")},
+                     "argv": sys.argv[1:], "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "vae": [], "dit": [], "dec": []}
+    log(f"device {history['device']}, torch {torch.__version__}, diffusers {diffusers.__version__}")
+    eval_iter = renderer.clips(EVAL_SEEDS[:args.eval_clips])
+    train_seeds = [TRAIN_SEED_BASE + 100_000 + i for i in range(args.dit_clips)]
+    train_iter = renderer.clips(train_seeds, True) if args.init_from else None  # renders while the models load
+    pipe = build_pipeline(args, device)
+    log(f"VAE {sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f}M params"
+        f"{' (from ' + args.init_from + ', frozen)' if args.init_from else ''}, transformer "
         f"{sum(p.numel() for p in pipe.transformer.parameters()) / 1e6:.2f}M params")
+    eval_clips = list(eval_iter)
 
-    eval_clips = [make_clip(TRAIN_SEED_BASE + 900_000 + i) for i in range(args.eval_clips)]
-    train_vae(pipe.vae, args, history, eval_clips)
-    history["vae_eval"] = vae_eval(pipe.vae, eval_clips)
-    log(f"VAE done: {history['vae_steps']} steps, {history['vae_seconds']:.0f}s, held-out {history['vae_eval']}")
+    if not args.init_from:
+        vae_pool_clips = list(renderer.clips(range(TRAIN_SEED_BASE + 900_000, TRAIN_SEED_BASE + 900_004)))
+        train_vae(pipe.vae, args, history, vae_pool_clips, renderer, device)
+        history["vae_eval"] = vae_eval(pipe.vae, vae_pool_clips)
+        log(f"VAE done: {history['vae_steps']} steps, {history['vae_seconds']:.0f}s, held-out {history['vae_eval']}")
+        train_iter = renderer.clips(train_seeds, True)
 
-    data = encode_dataset(pipe, args, history)
-    log(f"encoded {args.dit_clips} clips in {history['encode_seconds']:.0f}s")
-    history["dit_eval_before"] = dit_eval(pipe.transformer, data, 8, args.seed + 11)
-    ema = train_transformer(pipe, data, args, history)
-    pipe.transformer = ema
-    pipe.register_modules(transformer=ema)
-    history["dit_eval_after"] = dit_eval(ema, data, 8, args.seed + 11)
-    log(f"DiT done: {history['dit_steps']} steps, {history['dit_seconds']:.0f}s; "
-        f"eval before {history['dit_eval_before']} after {history['dit_eval_after']}")
+    t0 = time.time()
+    data = encode_dataset(pipe, train_iter, args.dit_variants, args.encode_batch, device, log_every=256)
+    if args.init_from:  # the VAE's own convention, measured when it was trained
+        mean, std = torch.tensor(pipe.vae.config.latents_mean), torch.tensor(pipe.vae.config.latents_std)
+    else:
+        mean, std = data["x0"].mean(dim=(0, 2, 3, 4)).cpu(), data["x0"].std(dim=(0, 2, 3, 4)).cpu()
+        pipe.vae.register_to_config(latents_mean=[round(float(v), 5) for v in mean],
+                                    latents_std=[round(float(v), 5) for v in std])
+        mean, std = torch.tensor(pipe.vae.config.latents_mean), torch.tensor(pipe.vae.config.latents_std)
+    data = finish_dataset(pipe, data, mean, std, device)
+    eval_data = finish_dataset(pipe, encode_dataset(pipe, eval_clips, 0, args.encode_batch, device, names=("source", "truth")),
+                               mean, std, device)
+    history["encode_seconds"] = time.time() - t0
+    history["dit_samples"] = int(data["x0"].shape[0])
+    log(f"data: {args.dit_clips} clips → {data['x0'].shape[0]} videos, {len(data['captions'])} distinct captions, "
+        f"latents {tuple(data['x0'].shape[1:])}, {history['encode_seconds']:.0f}s")
+
+    init_tr = Path(args.init_from or "") / "transformer"
+    if args.init_from and args.eval_baseline and (init_tr / "config.json").is_file():
+        with optional("baseline evaluation"):
+            from diffusers import WanTransformer3DModel
+
+            old = WanTransformer3DModel.from_pretrained(init_tr).to(device).eval()
+            history["baseline_eval"] = {"velocity": velocity_eval(old, eval_data, args.seed + 11, device),
+                                        "rollout": rollout_eval(pipe, old, eval_data, eval_clips, args, device),
+                                        "params": sum(p.numel() for p in old.parameters())}
+            log(f"baseline (the --init-from transformer) held-out: {history['baseline_eval']}")
+            del old
+
+    history["dit_eval_before"] = velocity_eval(pipe.transformer, eval_data, args.seed + 11, device)
+    if args.check_determinism:
+        with optional("determinism check"):
+            digests = []
+            for _ in range(2):
+                tr = new_transformer(args, device)
+                train_transformer(tr, data, args, device, stop_at=args.check_determinism)
+                digests.append(state_digest(tr))
+                del tr
+            same = digests[0] == digests[1]
+            history["determinism_check"] = {"steps": args.check_determinism, "identical": same, "sha256": digests}
+            log(f"determinism check: {args.check_determinism} steps trained twice from scratch → "
+                f"{'identical bytes' if same else 'DIFFERENT bytes'}")
+
+    ema, steps, ran = train_transformer(pipe.transformer, data, args, device, history)
+    log(f"DiT done: {ran} of {steps} steps in {history['dit_seconds']:.0f}s")
     del data
-    if args.dec_steps:
-        refine_decoder(pipe.vae, args, history)
-        history["vae_eval_refined"] = vae_eval(pipe.vae, eval_clips)
-        log(f"decoder refined: {history['dec_steps']} steps, held-out {history['vae_eval_refined']}")
-
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
-    history["total_seconds"] = time.time() - t_all
+    if args.init_from:  # the weights first: nothing after training may cost them
+        save_model(pipe, ema, args, out)
+    ema.to(device)
+    with optional("held-out evaluation"):
+        history["dit_eval_after"] = velocity_eval(ema, eval_data, args.seed + 11, device)
+        log(f"held-out velocity loss {history['dit_eval_before']} → {history['dit_eval_after']}")
+        history["rollout_after"] = rollout_eval(pipe, ema, eval_data, eval_clips, args, device)
+        log(f"held-out stock I2V rollouts: {history['rollout_after']}")
+    if not args.init_from:
+        if args.dec_steps:
+            refine_decoder(pipe.vae, args, history, renderer, device)
+            history["vae_eval_refined"] = vae_eval(pipe.vae, eval_clips)
+            log(f"decoder refined: {history['dec_steps']} steps, held-out {history['vae_eval_refined']}")
+        save_model(pipe, ema, args, out)
+    history["weights_sha256"] = weight_hashes(out)
+    history["total_seconds"] = time.time() - T_START
     write_summary(out / "training.json", history)
-    log(f"saved to {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB); "
-        f"total {history['total_seconds']:.0f}s")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    log(f"saved to {out} ({size / 1e6:.1f} MB); total {history['total_seconds']:.0f}s")
+    for name, digest in history["weights_sha256"].items():
+        log(f"sha256 {digest}  {name}")
+    if args.pack:
+        parts = pack(out, Path(args.pack), int(args.pack_part_mb * 1e6))
+        log(f"packed into {len(parts)} parts in {args.pack}: {', '.join(p.name for p in parts)}")
     return 0
+
+
+@contextmanager
+def optional(what: str):
+    """A part of the run whose failure is logged, not fatal: on a machine lent for minutes, an evaluation
+    that breaks must not cost the trained weights."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - reported, and the run goes on
+        log(f"{what} failed: {type(exc).__name__}: {exc}")
 
 
 def write_summary(path: Path, history: dict) -> None:
@@ -401,7 +852,7 @@ def write_summary(path: Path, history: dict) -> None:
         rows = history.get(key) or []
         if rows:
             summary[f"{key}_{field}_curve"] = [
-                [rows[i]["step"], round(float(np.mean([r[field] for r in rows[i:i + 25]])), 5), round(rows[i]["seconds"])]
+                [rows[i]["step"], round(float(np.mean([r[field] for r in rows[i:i + 25]])), 5)]
                 for i in range(0, len(rows), 25)]
     path.write_text(json.dumps(summary, indent=1) + "\n")
 
