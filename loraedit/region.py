@@ -1,7 +1,8 @@
 """Finding the edit region in frame 0 and following it through the video (OpenCV only, no weights).
 
-    find_edit_region(source0, edited0)   where the edited first frame differs from the source's
-    track_region(frames, region0)        one region per frame, by dense optical flow (DIS)
+    find_edit_region(source0, edited0)  where the edited first frame differs from the source's
+    follow_region(frames, region0, ...)  one region per frame, and what moved it (Followed)
+    track_region(...)                    the same, regions only
 
 Finding: both frames are blurred (a generative editor re-renders fine texture everywhere, so
 pixel-exact differences are mostly noise), compared in CIE Lab, thresholded (Otsu on the colour
@@ -9,23 +10,22 @@ difference, never below a floor), cleaned with morphology (opening removes speck
 hole filling make one solid region per object), and components that are small — in absolute terms
 or next to the largest one — are dropped.
 
-Tracking works on frames scaled to at most FLOW_MAX_SIDE pixels and keeps two masks per frame:
-  amodal   A_t: the whole object, seen or not: frame 0's region under the accumulated motion
-           C_t = M_t ∘ … ∘ M_1, warped afresh from frame 0 each time (so it does not erode, and a
-           region panned out of the frame comes back however far it went). M_t, the region's
-           similarity motion from t-1 to t, is chosen among candidates — Lucas-Kanade corners in
-           the region's interior (RANSAC fit), a fit to the dense DIS flow, the last motion
-           (constant velocity) and, when none of those explains the region, a template search —
-           by how much of the region each predicts in frame t (7×7 normalised correlation). A
-           region mostly hidden (visible < 30% of A_t) moves with the scene instead: the dominant
-           motion of everything outside it (the camera), so an occluder cannot drag it away.
-  visible  V_t: the region's pixels seen in frame t: V_{t-1} pulled along the backward flow where
-           the flow passes the forward-backward and patch checks, plus the textured pixels of A_t
-           that look as M_t predicts from frame t-1 (the region's own pixels seen again, after an
-           occlusion or where the dense flow failed), kept within a margin around A_t.
-A region found by difference is output as V_t (it may shrink to nothing and come back); a box
-given by the user is output as A_t clipped to the frame (a box holds background too, whose pixels
-would otherwise smear it).
+Following works on frames scaled to at most FLOW_MAX_SIDE pixels. The amodal region A_t (the
+whole object, seen or not) is frame 0's region under the accumulated motion C_t = M_t ∘ … ∘ M_1,
+warped afresh from frame 0 each time (so it does not erode, and a region panned out of the frame
+comes back however far it went). What M_t is, is decided each frame from the evidence (global
+motion vs the region's own motion vs texture; see follow_region):
+  static / camera  the scene's motion (corners away from the region; identity for a still camera)
+  object           the region's own motion — the best of Lucas-Kanade corners, a fit to the DIS
+                   dense flow, the last motion and a template search, by how much of the region
+                   each predicts in frame t (7×7 normalised correlation) — once it is evidence that
+                   the region moves otherwise than the scene
+  on-object        for an edit that adds content: the motion of the foreground it touches
+The output: held by the scene, A_t less what an occluder covers; following its own pixels, the
+visible region V_t (V_{t-1} pulled along the backward flow where the flow passes the
+forward-backward and patch checks, plus the textured pixels of A_t that look as M_t predicts,
+kept within a margin around A_t; it may shrink to nothing and come back); an addition or a box
+given by the user, A_t (a box holds background too, whose pixels would otherwise smear it).
 
 Not handled: an object that leaves the frame by its own motion (the camera still) and comes back
 elsewhere is not re-found — its region stays where the scene carried it.
@@ -435,6 +435,12 @@ def follow_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False, 
     visible = small0
     rng = np.random.default_rng(0)
     last_M = None
+
+    def reference(C):
+        """How the region looked in frame 0, moved to where C takes it: pixels there that look
+        otherwise are something in front of it, whose motion is not the region's."""
+        return cv2.warpAffine(fl.gray[0], C[:2].astype(np.float32), (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
     own = False  # the region's own pixels have been seen to move by themselves
     for t in range(1, F):
         if t in cuts:
@@ -457,28 +463,24 @@ def follow_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False, 
         bwd_at = cv2.remap(bwd, bx, by, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         f_ok = np.hypot(fwd[..., 0] + bwd_at[..., 0], fwd[..., 1] + bwd_at[..., 1]) < np.maximum(1.0, 0.15 * np.hypot(fwd[..., 0], fwd[..., 1]))
 
-        # the scene's (camera's) motion, from everything away from the region
-        a_bin = (a_frame > 0.5).astype(np.uint8)
-        away = cv2.dilate(a_bin, _ellipse(9)).astype(bool)
-        G, still = _scene_motion(fl.gray[t - 1], fl.gray[t], away)
-        scene_label = "static" if still else "camera"
-
-        # how the region looked in frame 0, where it is in frame t-1: pixels that look otherwise
-        # there are something in front of it, whose motion is not the region's
-        ref = cv2.warpAffine(fl.gray[0], C[:2].astype(np.float32), (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         vb_in = (visible > 0.5).astype(np.uint8)
         core = cv2.erode(vb_in, _ellipse(2 * round(1 + 0.05 * np.sqrt(vb_in.sum())) + 1)).astype(bool)
         inner = core if core.sum() >= 20 else vb_in.astype(bool)
-        M, label = G, scene_label
-        a_seen = float(a_frame.sum())
+        a_bin = (a_frame > 0.5).astype(np.uint8)
         # the region's own motion: mostly hidden, its pixels say nothing
         M_own, s_own = (None, 0.0)
-        if vb_in.sum() >= max(20, 0.3 * a_seen):
+        if vb_in.sum() >= max(20, 0.3 * float(a_bin.sum())):
             M_own, s_own = _own_motion(fl, t, inner, fwd, f_ok, None if added else last_M, rng)
+        # the scene's (camera's) motion, from everything away from the region (not needed while a
+        # region follows its own pixels and they are seen)
+        G, still = _translation(np.zeros(2)), True
+        if added or C_alt is not None or M_own is None or not (rigid or own):
+            G, still = _scene_motion(fl.gray[t - 1], fl.gray[t], cv2.dilate(a_bin, _ellipse(9)).astype(bool))
+        M, label = G, "static" if still else "camera"
         if rigid or (own and M_own is not None):
             if M_own is not None:
                 M, label = M_own, "object"
-        elif M_own is not None and _moves_by_itself(fl, t, inner & _patch_match(fl.gray[t - 1], ref), M_own, s_own, G):
+        elif M_own is not None and _moves_by_itself(fl, t, inner & _patch_match(fl.gray[t - 1], reference(C)), M_own, s_own, G):
             # the region moves by itself only on evidence: its own motion explains it better than
             # the scene's, takes it somewhere else, and it has texture to tell
             M, label = M_own, "object"
@@ -529,7 +531,7 @@ def follow_region(frames: np.ndarray, region0: np.ndarray, rigid: bool = False, 
         elif not own:
             # it moves with the scene: frame 0's region moved, less what an occluder covers — pixels
             # that look otherwise than the region did and move otherwise than the scene
-            ref = cv2.warpAffine(fl.gray[0], C[:2].astype(np.float32), (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            ref = reference(C)
             back_scene = _motion_field(_inverse(G), xs, ys)
             moving = np.linalg.norm(bwd - back_scene, axis=-1) > MOVING_PX
             occluded = ~_patch_match(fl.gray[t], ref) & cv2.dilate(moving.astype(np.uint8), _ellipse(5)).astype(bool)
