@@ -337,3 +337,26 @@ def test_a_folder_that_is_none_of_these_gets_one_line(layout, expect, tiny_layou
     assert main(argv) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("loraedit: error:") and expect in lines[0], lines
+
+
+def test_ti2v_naive_mode_keeps_frame_zero_only_and_references_keep_outside_their_region(tiny_layouts):
+    from loraedit.encode import token_conditions
+    from loraedit.models import load_vae
+
+    model = tiny_layouts["ti2v"]
+    fam, vae = family.detect(model), load_vae(str(model), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    source, first = torch.rand(9, 3, 64, 96, generator=g) * 2 - 1, torch.rand(3, 64, 96, generator=g) * 2 - 1
+    region = torch.zeros(9, 64, 96, dtype=torch.bool)
+    region[:, 0:20, 40:70] = True  # tokens (0, 1) and (0, 2) of the 2x3 token grid (32 pixels a token)
+    ref = (torch.rand(64, 96, 3, generator=g) * 255).to(torch.uint8).numpy()
+    with torch.no_grad():
+        naive = token_conditions(vae, fam, source, first, region, "naive", {}, {})
+        aware = token_conditions(vae, fam, source, first, region, "mask-aware", {4: ref}, {})
+    keep = naive["cond_train"][0, 0]
+    assert keep.shape == (3, 4, 6) and keep[0].all() and not keep[1:].any()
+    keep = aware["cond_train"][0, 0]
+    assert keep[0].all() and keep[1:, 0:2, 2:6].eq(0).all() and keep[1:].sum() == 2 * (24 - 8)
+    ref_keep = aware["ref.4.cond"][0, 0, 0]
+    assert ref_keep[0:2, 2:6].eq(0).all() and ref_keep.sum() == 24 - 8
+    torch.testing.assert_close(naive["cond_render"][:, 1:, :1], aware["cond_render"][:, 1:, :1])  # the edited first frame
