@@ -4,22 +4,33 @@
 PY := .venv/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install browser clean
 
 $(PY):
 	python3 -m venv .venv
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+
+# the package and its test extras, again whenever pyproject.toml changes (a new dependency)
+.venv/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	touch $@
 
-install: $(PY)
+install: .venv/.installed
 
-demo: $(PY)
+# the browser test drives Debian's Chromium through its chromedriver; as root it is installed when missing
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "no chromium/chromedriver and no root apt-get: the browser test will be skipped"; fi; fi
+
+demo: .venv/.installed
 	.venv/bin/loraedit demo
 
-test: $(PY)
+test: .venv/.installed browser
 	$(PY) -m pytest -q
 
-bench: $(PY)
+bench: .venv/.installed
 	$(PY) bench/bench_train.py
 
 clean:
