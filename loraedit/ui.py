@@ -42,6 +42,7 @@ from loraedit.video import default_size, fit_to_size, frame_indices, parse_size,
 log = logging.getLogger("loraedit")
 
 TOY_MODEL = Path(__file__).resolve().parent / "toymodel"
+CLICK_WIDTH = 480  # frame 0 is shown at least this wide for drawing boxes
 REGION_SOURCES = ("found from the edit", "boxes", "mask file")
 CSS = """
 .field-error {color: #b42318; background: #fef3f2; border: 1px solid #fda29b; border-radius: 6px;
@@ -424,6 +425,7 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
     with gr.Blocks(title="loraedit", analytics_enabled=False) as page:
         selected = gr.State(None)  # run folder shown in steps 5-6
         corner = gr.State(None)  # first corner of a box being drawn
+        frame0_scale = gr.State(1)  # frame 0 is shown this many times its working size
         refs_state = gr.State([])
         video_state = gr.State(None)
 
@@ -476,6 +478,7 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
                 region_source = gr.Radio(list(REGION_SOURCES), value=REGION_SOURCES[0], label="region from", elem_id="region-source")
                 frame0 = gr.Image(label="frame 0 at the working size: click two corners to add a box", interactive=False,
                                   elem_id="frame0", height=240)
+                corner_info = gr.Markdown("", elem_id="corner-info")
                 boxes = gr.Textbox("", label="boxes x0,y0,x1,y1; … (pixels of the working size)", elem_id="boxes")
                 boxes_err = gr.HTML(visible=False, elem_id="boxes-error")
                 mask_file = gr.File(label="mask: one PNG, or a mask video (white = edit)", file_types=["image", "video"],
@@ -559,7 +562,7 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
         gr.Markdown("## 7 · Runs")
         with gr.Row():
             runs_pick = gr.Dropdown([], label="open a run", elem_id="runs-pick", scale=2)
-            runs_refresh = gr.Button("refresh", scale=1)
+            runs_refresh = gr.Button("refresh", scale=1, elem_id="runs-refresh")
         runs_view = gr.Dataframe(headers=["run", "last job", "state", "renders", "changed"], interactive=False, elem_id="runs")
 
         timer = gr.Timer(1.0)
@@ -574,9 +577,8 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
                               dilate=int(dilate_v), block_size=int(block_v), **kw)
 
         def on_video(video_path, frames_v, start_v, stride_v, size_v):
-            empty = ([], None, None)
             if not video_path:
-                return (None, error_html(None), error_html(None), "", warnings_html([]), *empty[:1], gr.update(), None)
+                return (None, error_html(None), error_html(None), "", warnings_html([]), [], gr.update(), None, 1)
             warnings = _Collect()
             log.addHandler(warnings)
             try:
@@ -584,13 +586,13 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
                     probe_video(video_path)
                 except InputError as exc:
                     return (None, error_html(short_paths(str(exc), [Path(video_path).parent])), error_html(None), "",
-                            warnings_html([]), [], gr.update(value=None), None)
+                            warnings_html([]), [], gr.update(value=None), None, 1)
                 try:
                     sel = select_frames(video_path, frames_v, start_v, stride_v, size_v)
                     items, first_raw, first_fit = thumbnails(video_path, sel)
                 except InputError as exc:
                     return (video_path, error_html(None), error_html(short_paths(str(exc), [Path(video_path).parent])), "",
-                            warnings_html([]), [], gr.update(), None)
+                            warnings_html([]), [], gr.update(), None, 1)
             finally:
                 log.removeHandler(warnings)
             sw, sh = sel.source_size
@@ -598,10 +600,13 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
             info = (f"**{Path(video_path).name}**: {sw}×{sh}, {sel.n_source} frames · editing **{len(sel.indices)} frames at "
                     f"{sel.width}×{sel.height}**, {span}, {sel.fps:.3g} fps")
             editor = {"background": first_raw, "layers": [], "composite": first_raw}
+            # small working sizes are shown enlarged (the browser never enlarges an image) so a box can be drawn
+            scale = max(1, -(-CLICK_WIDTH // sel.width))
+            shown = np.repeat(np.repeat(first_fit, scale, 0), scale, 1)
             return (video_path, error_html(None), error_html(None), info, warnings_html(warnings.messages), items,
-                    gr.update(value=editor), first_fit)
+                    gr.update(value=editor), shown, scale)
 
-        video_outputs = [video_state, video_err, frames_err, video_info, video_warn, gallery, first_paint, frame0]
+        video_outputs = [video_state, video_err, frames_err, video_info, video_warn, gallery, first_paint, frame0, frame0_scale]
         video.change(on_video, [video, frames, start, stride, size], video_outputs)
         for comp in (frames, start, stride):
             comp.submit(on_video, [video, frames, start, stride, size], video_outputs)
@@ -640,15 +645,18 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
         ref_add.click(on_ref_add, [refs_state, ref_frame, ref_image, frames], [refs_state, refs_view, ref_err])
         ref_clear.click(lambda: ([], "no references", error_html(None)), None, [refs_state, refs_view, ref_err])
 
-        def on_frame0_click(boxes_v, corner_v, evt: gr.SelectData):
-            x, y = (int(v) for v in evt.index)
+        def on_frame0_click(boxes_v, corner_v, scale, evt: gr.SelectData):
+            x, y = (int(v) // int(scale or 1) for v in evt.index)
             if corner_v is None:
-                return boxes_v, (x, y), gr.update(value=REGION_SOURCES[1])
+                return boxes_v, (x, y), gr.update(value=REGION_SOURCES[1]), f"first corner at {x},{y}: click the opposite corner"
             x0, y0 = corner_v
             box = f"{min(x0, x)},{min(y0, y)},{max(x0, x)},{max(y0, y)}"
-            return (f"{boxes_v}; {box}" if boxes_v and boxes_v.strip() else box), None, gr.update(value=REGION_SOURCES[1])
+            boxes_v = f"{boxes_v}; {box}" if boxes_v and boxes_v.strip() else box
+            return boxes_v, None, gr.update(value=REGION_SOURCES[1]), f"box {box} added; press “show the edit region”"
 
-        frame0.select(on_frame0_click, [boxes, corner], [boxes, corner, region_source])
+        # one click after the other: the second corner must see the first
+        frame0.select(on_frame0_click, [boxes, corner, frame0_scale], [boxes, corner, region_source, corner_info], concurrency_limit=1,
+                      show_progress="hidden")
 
         def on_preview(video_path, upload, editor, refs, frames_v, start_v, stride_v, size_v, source_v, boxes_v, mask_v,
                        style_v, grow_v, dilate_v, block_v, request: gr.Request):
@@ -715,7 +723,12 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
 
         model_box.blur(on_model, [model_box], [model_err])
         model_box.submit(on_model, [model_box], [model_err])
-        toy_btn.click(lambda: (str(TOY_MODEL), error_html(None)), None, [model_box, model_err])
+        def on_toy():
+            from loraedit.demo import DEMO  # the toy model's own settings (docs/toy.md)
+
+            return str(TOY_MODEL), error_html(None), DEMO["guidance"], DEMO["render_steps"], DEMO["lr"]
+
+        toy_btn.click(on_toy, None, [model_box, model_err, guidance, render_steps, lr])
 
         def on_plan(model_v, frames_v, size_v, memory_v, device_v):
             accepted = flags_of("plan")
