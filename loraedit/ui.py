@@ -33,11 +33,11 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from loraedit import cli, masks, method
+from loraedit import cli, masks
 from loraedit.errors import InputError
 from loraedit.files import atomic_output, read_json, sha256_file
 from loraedit.jobqueue import Job, JobQueue, progress, run_folders, run_jobs
-from loraedit.video import default_size, fit_to_size, frame_indices, parse_size, probe_video, read_image, read_video_frames, write_png
+from loraedit.video import fit_to_size, probe_video, read_image, read_video_frames, write_png
 
 log = logging.getLogger("loraedit")
 
@@ -139,16 +139,18 @@ def warnings_html(messages: list[str]):
     return gr.update(value=f"<div class='field-warning'>{body}</div>", visible=True)
 
 
-def which_field(message: str, paths: dict[str, str | None], flags: dict[str, str]) -> str:
-    """The field an error message is about: the file it starts with, else the first flag it names."""
+def which_field(message: str, paths: dict[str, str | None], flags: list[tuple[str, str]]) -> str:
+    """The field an error message is about: the file it starts with, else the first flag it names
+    (flags: (flag, field) pairs), else "start" (the message goes next to the Start button)."""
     for name, path in paths.items():
         if path and (message.startswith(str(path)) or message.startswith(Path(path).name + ":")):
             return name
     first = None
-    for name, flag in flags.items():
-        at = message.find(flag)
-        if at >= 0 and re.match(r"[\s=:,)]|$", message[at + len(flag):at + len(flag) + 1] or "") and (first is None or at < first[0]):
-            first = (at, name)
+    for flag, name in flags:
+        for m in re.finditer(re.escape(flag) + r"(?![\w-])", message):
+            if first is None or m.start() < first[0]:
+                first = (m.start(), name)
+            break
     return first[1] if first else "start"
 
 
@@ -169,27 +171,37 @@ class Selection:
     height: int
     indices: list[int]
     fps: float
+    rule: str
     n_source: int
     source_size: tuple[int, int]
+    cuts: list[dict]
 
 
-def frames_error(frames) -> str | None:
-    """The CLI's frame-count rule and message (prepare stage)."""
-    frames = int(frames)
-    if not method.is_valid_frame_count(frames):
-        return f"--frames {frames}: must be 4k+1 (e.g. 17, 33, 49, 81); nearest is {method.nearest_valid_frame_count(frames)}"
-    return None
+SELECTION_FLAGS = {"frames": "--frames", "start": "--start", "fps": "--fps", "stride": "--stride", "size": "--size"}
 
 
-def select_frames(video: str, frames, start, stride, size: str) -> Selection:
+def selection_values(frames, start, fps, stride, spread, size) -> dict:
+    """The page's frame-selection fields as the raw values a command line would give (empty = default)."""
+    raw = {"frames": frames, "start": start, "fps": fps, "stride": stride, "size": size}
+    out = {k: (str(int(v)) if isinstance(v, float) and v.is_integer() and k != "fps" else str(v)).strip()
+           for k, v in raw.items() if v not in (None, "") and str(v).strip() and not (k in ("fps", "stride") and not v)}
+    if spread:
+        out["spread"] = True
+    return out
+
+
+def select_frames(video: str, model: str | None, values: dict) -> Selection:
+    """The prepare stage's own frame selection (settings read and checked as the CLI reads flags)."""
+    from loraedit import prepare, shots
+    from loraedit.settings import PrepareSettings
+
+    settings = PrepareSettings.from_values(values)
     info = probe_video(video)
-    width, height = parse_size(size) if size and size.strip() else default_size(info.width, info.height)
-    message = frames_error(frames)
-    if message:
-        raise InputError(message)
-    indices = frame_indices(info.n_frames, int(frames), int(start or 0), int(stride) if stride else None, path=video, times=info.times)
-    step = (indices[-1] - indices[0]) / max(1, len(indices) - 1) if len(indices) > 1 else 1.0
-    return Selection(width, height, indices, info.fps / max(step, 1e-9), info.n_frames, (info.width, info.height))
+    model = model if model and Path(model).is_dir() else None
+    choice, (width, height) = prepare.select(info, prepare.footage_from(settings), prepare.model_frame_rate(model),
+                                             prepare.model_pixel_budget(model))
+    cuts = shots.report(video, choice.indices, info)["cuts"]
+    return Selection(width, height, choice.indices, choice.fps, choice.rule, info.n_frames, (info.width, info.height), cuts)
 
 
 def thumbnails(video: str, sel: Selection, width: int = 200) -> tuple[list, np.ndarray, np.ndarray]:
@@ -255,10 +267,7 @@ class PageInputs:
     video: str | None = None
     first_frame: str | None = None
     refs: list[tuple[int, str]] = field(default_factory=list)
-    frames: int = 49
-    start: int = 0
-    stride: int | None = None
-    size: str = ""
+    selection: dict = field(default_factory=dict)  # frames, start, fps, stride, spread, size as a command line gives them
     region_source: str = REGION_SOURCES[0]
     boxes: str = ""
     mask: str | None = None
@@ -282,26 +291,19 @@ class PageInputs:
 
 
 def parse_boxes(text: str) -> list[str]:
-    """'x0,y0,x1,y1; x0,y0,x1,y1' → ['x0,y0,x1,y1', ...], each checked by the CLI's own parser."""
-    import argparse
+    """'x0,y0,x1,y1; x0,y0,x1,y1' → ['x0,y0,x1,y1', ...], each read by the CLI's own --box reader."""
+    from loraedit.settings import PrepareSettings
 
-    out = []
-    for part in re.split(r"[;\n]+", text or ""):
-        if part.strip():
-            try:
-                box = masks.parse_box(part.strip())
-            except argparse.ArgumentTypeError as exc:
-                raise InputError(f"--box {exc}") from None
-            out.append(",".join(str(v) for v in box))
-    return out
+    parts = [part.strip() for part in re.split(r"[;\n]+", text or "") if part.strip()]
+    for part in parts:
+        PrepareSettings.from_values({"box": [part]})  # InputError: the CLI's message for this box
+    return parts
 
 
 def selection_argv(p: PageInputs) -> list[str]:
-    argv = ["--frames", str(int(p.frames)), "--start", str(int(p.start or 0))]
-    if p.stride:
-        argv += ["--stride", str(int(p.stride))]
-    if p.size and p.size.strip():
-        argv += ["--size", p.size.strip()]
+    argv = []
+    for key, value in p.selection.items():
+        argv += ["--spread"] if key == "spread" else [SELECTION_FLAGS[key], str(value)]
     return argv
 
 
@@ -341,6 +343,26 @@ def edit_argv(p: PageInputs, run_dir: Path, accepted: set[str]) -> list[str]:
     if unknown:
         raise InputError(f"{unknown[0]}: `loraedit edit` has no such flag; see `loraedit edit --help`")
     return argv
+
+
+def only_flags(argv: list[str], accepted: set[str]) -> list[str]:
+    """The flags (with their values) of `argv` that a command accepts: `edit`'s line cut down for `prepare`."""
+    out, keep = [], False
+    for item in argv:
+        if item.startswith("--"):
+            keep = item.split("=")[0] in accepted
+        if keep:
+            out.append(item)
+    return out
+
+
+def check_settings(argv: list[str]) -> str | None:
+    """Every setting of the command line read and checked the way the CLI does, before anything runs."""
+    try:
+        cli.resolve(argv)
+    except InputError as exc:
+        return str(exc)
+    return None
 
 
 def run_name(video: str | None, wanted: str) -> str:
@@ -428,6 +450,7 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
         frame0_scale = gr.State(1)  # frame 0 is shown this many times its working size
         refs_state = gr.State([])
         video_state = gr.State(None)
+        n_frames = gr.State(None)  # how many frames the selection gives (for the references)
 
         gr.Markdown("# loraedit\nEdit a whole video from an edited first frame. Work top to bottom; "
                     "every run is an ordinary run folder in " f"`{root}` that `loraedit edit --out` can resume.")
@@ -440,10 +463,13 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
                 video_err = gr.HTML(visible=False, elem_id="video-error")
             with gr.Column(scale=3):
                 with gr.Row():
-                    frames = gr.Number(49, label="frames (4k+1)", precision=0, elem_id="frames")
-                    start = gr.Number(0, label="start frame", precision=0, elem_id="start")
-                    stride = gr.Number(0, label="stride (0: spread evenly)", precision=0, elem_id="stride")
-                    size = gr.Textbox("", label="size WxH (empty: 832x480 by aspect)", elem_id="size")
+                    frames = gr.Textbox("49", label="frames (4k+1, or auto)", elem_id="frames", min_width=90)
+                    start = gr.Textbox("0", label="start: frame (12) or time (2.5s)", elem_id="start", min_width=90)
+                    size = gr.Textbox("", label="size WxH (empty: by the clip's aspect)", elem_id="size", min_width=90)
+                with gr.Row():
+                    fps = gr.Textbox("", label="frame rate (empty: the model's)", elem_id="fps", min_width=90)
+                    stride = gr.Textbox("", label="or every N-th frame", elem_id="stride", min_width=90)
+                    spread = gr.Checkbox(False, label="or spread over the clip", elem_id="spread", min_width=90)
                 frames_err = gr.HTML(visible=False, elem_id="frames-error")
                 video_info = gr.Markdown("", elem_id="video-info")
                 video_warn = gr.HTML(visible=False, elem_id="video-warning")
@@ -569,16 +595,17 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
 
         # ------------------------------------------------------------ handlers
 
-        def page_inputs(video_path, first_path, refs, frames_v, start_v, stride_v, size_v, source_v, boxes_v, mask_v,
-                        style_v, grow_v, dilate_v, block_v, **kw) -> PageInputs:
-            return PageInputs(video=video_path, first_frame=first_path, refs=list(refs or []), frames=int(frames_v or 0),
-                              start=int(start_v or 0), stride=int(stride_v) if stride_v else None, size=size_v or "",
+        sel_fields = [frames, start, fps, stride, spread, size]
+
+        def page_inputs(video_path, first_path, refs, sel, source_v, boxes_v, mask_v, style_v, grow_v, dilate_v, block_v,
+                        **kw) -> PageInputs:
+            return PageInputs(video=video_path, first_frame=first_path, refs=list(refs or []), selection=selection_values(*sel),
                               region_source=source_v, boxes=boxes_v or "", mask=mask_v, mask_style=style_v, grow=grow_v,
                               dilate=int(dilate_v), block_size=int(block_v), **kw)
 
-        def on_video(video_path, frames_v, start_v, stride_v, size_v):
+        def on_video(video_path, model_v, *sel):
             if not video_path:
-                return (None, error_html(None), error_html(None), "", warnings_html([]), [], gr.update(), None, 1)
+                return (None, error_html(None), error_html(None), "", warnings_html([]), [], gr.update(), None, 1, None)
             warnings = _Collect()
             log.addHandler(warnings)
             try:
@@ -586,33 +613,39 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
                     probe_video(video_path)
                 except InputError as exc:
                     return (None, error_html(short_paths(str(exc), [Path(video_path).parent])), error_html(None), "",
-                            warnings_html([]), [], gr.update(value=None), None, 1)
+                            warnings_html([]), [], gr.update(value=None), None, 1, None)
                 try:
-                    sel = select_frames(video_path, frames_v, start_v, stride_v, size_v)
-                    items, first_raw, first_fit = thumbnails(video_path, sel)
+                    chosen = select_frames(video_path, model_v, selection_values(*sel))
+                    items, first_raw, first_fit = thumbnails(video_path, chosen)
                 except InputError as exc:
                     return (video_path, error_html(None), error_html(short_paths(str(exc), [Path(video_path).parent])), "",
-                            warnings_html([]), [], gr.update(), None, 1)
+                            warnings_html([]), [], gr.update(), None, 1, None)
             finally:
                 log.removeHandler(warnings)
-            sw, sh = sel.source_size
-            span = f"source frames {sel.indices[0]}…{sel.indices[-1]}"
-            info = (f"**{Path(video_path).name}**: {sw}×{sh}, {sel.n_source} frames · editing **{len(sel.indices)} frames at "
-                    f"{sel.width}×{sel.height}**, {span}, {sel.fps:.3g} fps")
+            sw, sh = chosen.source_size
+            span = f"source frames {chosen.indices[0]}…{chosen.indices[-1]}"
+            info = (f"**{Path(video_path).name}**: {sw}×{sh}, {chosen.n_source} frames · editing **{len(chosen.indices)} frames at "
+                    f"{chosen.width}×{chosen.height}**, {span}, {chosen.fps:.3g} fps ({chosen.rule})")
+            messages = list(warnings.messages)
+            if chosen.cuts:
+                messages.append(f"{Path(video_path).name}: the selected frames span {len(chosen.cuts) + 1} shots (scene cuts at "
+                                + ", ".join(f"{c['time']:.2f} s (frame {c['selected']})" for c in chosen.cuts)
+                                + "); a region cannot be followed across a cut — choose start/frames inside one shot")
             editor = {"background": first_raw, "layers": [], "composite": first_raw}
             # small working sizes are shown enlarged (the browser never enlarges an image) so a box can be drawn
-            scale = max(1, -(-CLICK_WIDTH // sel.width))
+            scale = max(1, -(-CLICK_WIDTH // chosen.width))
             shown = np.repeat(np.repeat(first_fit, scale, 0), scale, 1)
-            return (video_path, error_html(None), error_html(None), info, warnings_html(warnings.messages), items,
-                    gr.update(value=editor), shown, scale)
+            return (video_path, error_html(None), error_html(None), info, warnings_html(messages), items,
+                    gr.update(value=editor), shown, scale, len(chosen.indices))
 
-        video_outputs = [video_state, video_err, frames_err, video_info, video_warn, gallery, first_paint, frame0, frame0_scale]
-        video.change(on_video, [video, frames, start, stride, size], video_outputs)
-        for comp in (frames, start, stride):
-            comp.submit(on_video, [video, frames, start, stride, size], video_outputs)
-            comp.blur(on_video, [video, frames, start, stride, size], video_outputs)
-        size.submit(on_video, [video, frames, start, stride, size], video_outputs)
-        size.blur(on_video, [video, frames, start, stride, size], video_outputs)
+        video_outputs = [video_state, video_err, frames_err, video_info, video_warn, gallery, first_paint, frame0, frame0_scale,
+                         n_frames]
+        video_inputs = [video, model_box] + sel_fields
+        video.change(on_video, video_inputs, video_outputs)
+        for comp in (frames, start, fps, stride, size):
+            comp.submit(on_video, video_inputs, video_outputs, trigger_mode="always_last")
+            comp.blur(on_video, video_inputs, video_outputs, trigger_mode="always_last")
+        spread.input(on_video, video_inputs, video_outputs, trigger_mode="always_last")
 
         def on_first_upload(path):
             if not path:
@@ -626,12 +659,12 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
 
         first_upload.upload(on_first_upload, [first_upload], [first_err, first_paint])
 
-        def on_ref_add(refs, k, path, frames_v):
+        def on_ref_add(refs, k, path, count):
             if not path:
                 return refs, refs_text(refs), error_html("--ref: upload the edited frame first")
-            if k is None or not 1 <= int(k) < int(frames_v or 0):
+            if k is None or (count and not 1 <= int(k) < count):
                 return refs, refs_text(refs), error_html(
-                    f"--ref {k}={Path(path).name}: frame {k} is outside the clip's frames 1..{int(frames_v or 0) - 1} (frame 0 is --first-frame)")
+                    f"--ref {k}={Path(path).name}: frame {k} is outside the clip's frames 1..{(count or 0) - 1} (frame 0 is --first-frame)")
             try:
                 read_image(path)
             except InputError as exc:
@@ -642,7 +675,7 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
         def refs_text(refs):
             return "no references" if not refs else "references: " + ", ".join(f"frame {k} ← {Path(p).name}" for k, p in refs)
 
-        ref_add.click(on_ref_add, [refs_state, ref_frame, ref_image, frames], [refs_state, refs_view, ref_err])
+        ref_add.click(on_ref_add, [refs_state, ref_frame, ref_image, n_frames], [refs_state, refs_view, ref_err])
         ref_clear.click(lambda: ([], "no references", error_html(None)), None, [refs_state, refs_view, ref_err])
 
         def on_frame0_click(boxes_v, corner_v, scale, evt: gr.SelectData):
@@ -658,8 +691,8 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
         frame0.select(on_frame0_click, [boxes, corner, frame0_scale], [boxes, corner, region_source, corner_info], concurrency_limit=1,
                       show_progress="hidden")
 
-        def on_preview(video_path, upload, editor, refs, frames_v, start_v, stride_v, size_v, source_v, boxes_v, mask_v,
-                       style_v, grow_v, dilate_v, block_v, request: gr.Request):
+        def on_preview(video_path, upload, editor, refs, frames_v, start_v, fps_v, stride_v, spread_v, size_v, source_v, boxes_v,
+                       mask_v, style_v, grow_v, dilate_v, block_v, extra_v, request: gr.Request):
             outs = dict(region=None, boxes=None, mask=None, first=None)
             none = (gr.update(), gr.update(), "", warnings_html([]))
             if not video_path:
@@ -667,8 +700,8 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
                 return (*none, *errors(outs))
             folder = preview_root / (request.session_hash if request is not None and request.session_hash else "default")
             folder.mkdir(parents=True, exist_ok=True)
-            p = page_inputs(video_path, None, refs, frames_v, start_v, stride_v, size_v, source_v, boxes_v, mask_v,
-                            style_v, grow_v, dilate_v, block_v)
+            p = page_inputs(video_path, None, refs, (frames_v, start_v, fps_v, stride_v, spread_v, size_v), source_v, boxes_v,
+                            mask_v, style_v, grow_v, dilate_v, block_v)
             try:
                 if source_v == REGION_SOURCES[0]:
                     p.first_frame = edited_first_frame(upload, editor, folder)
@@ -677,6 +710,11 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
                 return (*none, *errors(outs))
             try:
                 argv = ["masks", "--video", video_path, "--out", str(folder / "masks"), "-q"] + selection_argv(p) + region_argv(p)
+                # region flags among "more flags" (e.g. --segmenter sam2) shape the preview as they shape the edit
+                argv += only_flags(shlex.split(extra_v or ""), flags_of("masks") - {"--out", "--video", "--first-frame"})
+            except ValueError as exc:
+                outs["region"] = f"more flags: {exc}; quote values with spaces"
+                return (*none, *errors(outs))
             except InputError as exc:
                 outs["boxes" if source_v == "boxes" else "mask"] = str(exc)
                 return (*none, *errors(outs))
@@ -685,7 +723,7 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
             result = call_cli(argv)
             if result.error:
                 where = which_field(result.error, {"mask": mask_v, "first": p.first_frame, "region": video_path},
-                                    {"boxes": "--box", "mask": "--mask", "region": "--frames"})
+                                    [("--box", "boxes"), ("--mask", "mask")])
                 outs[where if where in outs else "region"] = short_paths(result.error, [folder, Path(video_path).parent])
                 return (*none, *errors(outs))
             info = read_json(folder / "masks" / masks.MASKS_MANIFEST)
@@ -699,8 +737,8 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
         def errors(outs):
             return (error_html(outs["region"]), error_html(outs["boxes"]), error_html(outs["mask"]), error_html(outs["first"]))
 
-        preview_inputs = [video_state, first_upload, first_paint, refs_state, frames, start, stride, size, region_source,
-                          boxes, mask_file, mask_style, grow, dilate, block]
+        preview_inputs = [video_state, first_upload, first_paint, refs_state, *sel_fields, region_source, boxes, mask_file,
+                          mask_style, grow, dilate, block, extra]
         preview_outputs = [overlay, sheet, region_info, region_warn, region_err, boxes_err, mask_err, first_err]
         preview_btn.click(on_preview, preview_inputs, preview_outputs, trigger_mode="always_last")
         for comp in (region_source, mask_style):
@@ -721,16 +759,17 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
                 return error_html(str(exc))
             return error_html(None)
 
-        model_box.blur(on_model, [model_box], [model_err])
-        model_box.submit(on_model, [model_box], [model_err])
+        # the model decides the frame rate and size of the selection too
+        model_box.blur(on_model, [model_box], [model_err]).then(on_video, video_inputs, video_outputs)
+        model_box.submit(on_model, [model_box], [model_err]).then(on_video, video_inputs, video_outputs)
         def on_toy():
             from loraedit.demo import DEMO  # the toy model's own settings (docs/toy.md)
 
             return str(TOY_MODEL), error_html(None), DEMO["guidance"], DEMO["render_steps"], DEMO["lr"]
 
-        toy_btn.click(on_toy, None, [model_box, model_err, guidance, render_steps, lr])
+        toy_btn.click(on_toy, None, [model_box, model_err, guidance, render_steps, lr]).then(on_video, video_inputs, video_outputs)
 
-        def on_plan(model_v, frames_v, size_v, memory_v, device_v):
+        def on_plan(model_v, frames_v, size_v, memory_v, device_v):  # `loraedit plan`, where the CLI has it
             accepted = flags_of("plan")
             argv = ["plan"]
             for flag, value in (("--model", model_v), ("--frames", frames_v), ("--size", size_v), ("--memory", memory_v),
@@ -747,9 +786,9 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
         # the fields a Start error can be next to: by the file it names, else the flag it names
         start_fields = ["video", "frames", "first", "ref", "boxes", "mask", "model", "steps", "start"]
 
-        def on_start(video_path, upload, editor, refs, frames_v, start_v, stride_v, size_v, source_v, boxes_v, mask_v,
-                     style_v, grow_v, dilate_v, block_v, model_v, prompt_v, negative_v, steps_v, ref_steps_v, render_steps_v,
-                     seed_v, memory_v, device_v, lr_v, rank_v, guidance_v, extra_v, name_v, current):
+        def on_start(video_path, upload, editor, refs, frames_v, start_v, fps_v, stride_v, spread_v, size_v, source_v, boxes_v, mask_v,
+                     style_v, grow_v, dilate_v, block_v, extra_v, model_v, prompt_v, negative_v, steps_v, ref_steps_v,
+                     render_steps_v, seed_v, memory_v, device_v, lr_v, rank_v, guidance_v, name_v, current):
             errs = dict.fromkeys(start_fields)
 
             def fail(field_name, message):
@@ -774,8 +813,8 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
             except InputError as exc:
                 return fail("first", str(exc))
             p = page_inputs(copy_input(video_path, inputs), copy_input(first_path, inputs),
-                            [(k, copy_input(path, inputs)) for k, path in refs or []], frames_v, start_v, stride_v, size_v,
-                            source_v, boxes_v, copy_input(mask_v, inputs) if source_v == "mask file" else mask_v, style_v,
+                            [(k, copy_input(path, inputs)) for k, path in refs or []],
+                            (frames_v, start_v, fps_v, stride_v, spread_v, size_v), source_v, boxes_v, copy_input(mask_v, inputs) if source_v == "mask file" else mask_v, style_v,
                             grow_v, dilate_v, block_v, model=model_v, prompt=prompt_v, negative_prompt=negative_v or None,
                             steps=steps_v, ref_steps=ref_steps_v, render_steps=render_steps_v, seed=seed_v or 0,
                             memory=memory_v, device=device_v, lr=lr_v if lr_v is not None else 1e-4,
@@ -786,24 +825,29 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
             except InputError as exc:
                 where = "boxes" if str(exc).startswith("--box") else "mask" if str(exc).startswith("--mask") else "start"
                 return fail(where, str(exc))
-            # every input checked by the CLI's own prepare stage before anything is queued (no model loads)
-            result = call_cli(["prepare", *argv[1:]])
-            if result.error:
-                message = short_paths(result.error, [inputs])
-                where = which_field(result.error, {"video": p.video, "first": p.first_frame, "mask": p.mask,
+            # every setting read as the CLI reads it, then every input checked by the CLI's own prepare stage
+            # (frames, first frame, references, region) before anything is queued; no model loads
+            error = check_settings(argv)
+            result = call_cli(["prepare", "--out", str(run_dir), *only_flags(argv[3:], prepare_flags)]) if error is None else None
+            error = error or result.error
+            if error:
+                message = short_paths(error, [inputs])
+                where = which_field(error, {"video": p.video, "first": p.first_frame, "mask": p.mask,
                                                    "ref": p.refs[0][1] if p.refs else None, "model": p.model},
-                                    {"frames": "--frames", "frames_": "--start", "frames__": "--stride", "frames___": "--size",
-                                     "ref": "--ref", "boxes": "--box", "mask": "--mask", "model": "--model",
-                                     "steps": "--steps", "steps_": "--ref-steps", "steps__": "--render-steps",
-                                     "steps___": "--rank", "steps____": "--lr"})
-                return fail(where.rstrip("_"), message)
+                                    [(flag, "frames") for flag in (*SELECTION_FLAGS.values(), "--spread")]
+                                    + [("--ref", "ref"), ("--box", "boxes"), ("--mask", "mask"), ("--model", "model")]
+                                    + [(flag, "steps") for flag in ("--steps", "--ref-steps", "--render-steps", "--rank", "--lr",
+                                                                     "--seed", "--memory", "--device", "--guidance")])
+                return fail(where, message)
             queue.submit(run_dir, argv)
             return (str(run_dir), *[error_html(None) for _ in start_fields], warnings_html(result.warnings))
+
+        prepare_flags = flags_of("prepare")
 
         start_outputs = [selected, video_err, frames_err, first_err, ref_err, boxes_err, mask_err, model_err, steps_err,
                          start_err, start_warn]
         start_btn.click(on_start, preview_inputs + [model_box, prompt, negative, steps, ref_steps, render_steps, seed, memory,
-                                                    device, lr, rank, guidance, extra, name, selected], start_outputs,
+                                                    device, lr, rank, guidance, name, selected], start_outputs,
                         concurrency_limit=1)
 
         # ------------------------------------------------------------ progress, results, runs
