@@ -525,6 +525,13 @@ def run_batch(args) -> int:
     session = uuid.uuid4().hex[:12]
     started = time.time()
     todo = [j for j in jobs if not _is_done(root, j)]
+    if ray is not None:
+        gpu_jobs = [j.name for j in todo if str(j.settings.get("device", "auto")) != "cpu" and not j.error]
+        have = ray.cluster_resources().get("GPU", 0)
+        if gpu_jobs and args.gpus_per_job > have:
+            # Ray would keep such tasks waiting for a GPU that never comes
+            raise InputError(f"--ray {args.ray}: the cluster has {have:g} GPUs and job {gpu_jobs[0]} asks for "
+                             f"{args.gpus_per_job:g}; start the GPU nodes first, or set device = \"cpu\" in CPU-only jobs")
     if len(todo) < len(jobs):
         log.info("%d of %d jobs already done; running the other %d", len(jobs) - len(todo), len(jobs), len(todo))
     for j in todo:  # a job waiting its turn is pending, whatever an earlier batch left in its state file

@@ -46,7 +46,7 @@ video = "no_such_clip.mp4"
     return f
 
 
-def test_ray_batch_retries_a_killed_worker_and_resumes_to_the_same_lora(tiny_model, clip, tmp_path):
+def test_ray_batch_retries_a_killed_worker_and_resumes_to_the_same_lora(tiny_model, clip, tmp_path, capsys):
     root = tmp_path / "batch"
     jobs = _jobs_file(tmp_path, tiny_model, clip)
     killed = {}
@@ -73,6 +73,12 @@ def test_ray_batch_retries_a_killed_worker_and_resumes_to_the_same_lora(tiny_mod
         rc = main(["batch", str(jobs), "--out", str(root), "--ray", "auto", "--max-retries", "2", "-q"])
         finished.set()
         killer.join(timeout=5)
+        # a job that wants a GPU on a cluster without one would wait forever: refused in one line
+        gpu_job = tmp_path / "gpu.toml"
+        gpu_job.write_text(jobs.read_text().replace('device = "cpu"', 'device = "cuda"'))
+        capsys.readouterr()
+        assert main(["batch", str(gpu_job), "--out", str(tmp_path / "gpu"), "--ray", "auto"]) == 2
+        assert "the cluster has 0 GPUs and job killed asks for 1" in capsys.readouterr().err
     finally:
         ray.shutdown()
 
