@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -180,6 +181,7 @@ def test_prepare_start_in_seconds_and_frames_auto_through_the_cli(tmp_path, caps
 
     plan = json.loads((out / "prepare" / "plan.json").read_text())
     assert plan["start_time"] == 1.0 and plan["indices"][0] == 30 and plan["frames"] == 29  # 2 s left: 32 instants at 16 fps
+    assert not plan["audio_in_sync"]  # the sound starts at 0 s, the frames at 1 s
     assert main([*argv[:-6], "--frames", "49"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
     assert len(err) == 1 and "--frames 29" in err[0]
@@ -270,3 +272,20 @@ def test_a_small_real_edit_does_not_get_the_looks_the_same_warning(tmp_path, cap
         prepare.run(_args(clip["video"], tmp_path / "same.png", size="320x192", box=["8,20,24,36"]), tmp_path / "run2")
     assert [r for r in caplog.records if "looks the same" in r.getMessage()]
     del edited
+
+
+def test_the_model_folder_sets_the_rate_and_the_size(tmp_path):
+    from loraedit.tiny import save_tiny_layout
+
+    assert prepare.model_frame_rate(None) == 16
+    ti2v = str(save_tiny_layout(tmp_path, "ti2v"))
+    assert prepare.model_frame_rate(ti2v) == 24
+    # at 24 fps from a 60 fps clip; a square clip at TI2V's pixel budget in multiples of 32
+    c, size = prepare.select(info(60, 10), prepare.Footage(frames=9), 24, model=ti2v)
+    assert c.fps == 24 and np.abs(np.asarray(c.indices) / 60 - np.arange(9) / 24).max() <= 0.5 / 60 + 1e-6 and size == (1152, 768)
+    _, size = prepare.select(VideoInfo("sq.mp4", 512, 512, 30, 300, 0, False), prepare.Footage(frames=9), 24, model=ti2v)
+    assert size == (960, 960)
+    # a folder that states its rate
+    index = Path(ti2v) / "model_index.json"
+    index.write_text(json.dumps(dict(json.loads(index.read_text()), fps=12)))
+    assert prepare.model_frame_rate(ti2v) == 12
