@@ -130,9 +130,10 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
         frames = composite(source, frames, prepared["region"], args.feather)
     fps = prepared["plan"]["fps"]
     plan = prepared["plan"]
-    # the source's sound fits only when the frames are the clip's own consecutive frames from its start
-    consecutive = plan["indices"] == list(range(plan["frames"]))
-    audio = source_video if plan.get("has_audio") and consecutive and source_video and Path(source_video).is_file() else None
+    # the source's sound fits when the frames start at the clip's start: they are written at the
+    # rate they were taken at (prepare's plan), so frame k plays at its own source time
+    in_sync = plan.get("audio_in_sync", plan["indices"] == list(range(plan["frames"])))
+    audio = source_video if plan.get("has_audio") and in_sync and source_video and Path(source_video).is_file() else None
     for i, f in enumerate(frames):
         write_png(out_dir / "frames" / f"{i:03d}.png", f)
     write_video(out_dir / "edited.mp4", frames, fps, audio_from=audio)
