@@ -348,8 +348,8 @@ def run_job(job: Job, root: str, session: str, clip: str | None = None) -> dict:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as f:
         f.write(f"--- attempt {attempt} on {record['host']} (pid {os.getpid()})\n{captured.getvalue()}")
-    if rc == 130:
-        raise KeyboardInterrupt
+    if rc == 130:  # Ctrl-C: `edit` has said how to go on; stop the batch, the rerun resumes this job
+        raise JobInterrupted
     if rc != 0:
         lines = [ln for ln in captured.getvalue().splitlines() if ln.startswith("loraedit: error:")]
         error = error or (lines[-1].removeprefix("loraedit: error: ") if lines else f"loraedit edit exited with {rc}")
@@ -365,6 +365,10 @@ def run_job(job: Job, root: str, session: str, clip: str | None = None) -> dict:
     except Exception as exc:  # scoring must not lose a finished edit
         record["metrics_error"] = f"{type(exc).__name__}: {exc}"
     return _finish(state, record, t0, "done", None)
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C inside a job, already reported by the job."""
 
 
 def _render_of(run_dir: Path, log_text: str) -> str:
@@ -577,7 +581,11 @@ def run_batch(args) -> int:
                 last = time.monotonic()
     else:
         for j in todo:
-            run_job(j, str(root), session, args.clip)
+            try:
+                run_job(j, str(root), session, args.clip)
+            except JobInterrupted:
+                write_summary(root, jobs, _records(root, jobs), started)
+                return 130
             report()
     records = _records(root, jobs)
     write_summary(root, jobs, records, started)
