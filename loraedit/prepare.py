@@ -295,6 +295,9 @@ def run(args: PrepareSettings, run_dir: Path) -> dict:
         except InputError:  # nothing differs: the region was given, so this is the only sign of a wrong file
             log.warning("%s: looks the same as the video's first frame; is it the edited one?", args.first_frame)
     mode, why = choose_mode(getattr(args, "mode", "auto") or "auto", extent, args.first_frame)
+    if extent is not None and extent.is_global and choice.start_time > 0:
+        log.warning("%s: the edited first frame must be an edit of the source frame at --start %s (%.2f s), the first one edited",
+                    args.first_frame, footage.start, choice.start_time)
     if mode == "naive" and extent is not None and extent.region == 0:
         regions = np.ones(frames.shape[:3], bool)  # a global edit the region finder sees nothing of: all of it is edit
     else:
