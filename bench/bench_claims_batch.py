@@ -81,7 +81,7 @@ def nanmean(xs) -> float:
 
 
 def table(rows: dict[str, dict], keys) -> str:
-    head = f"| variant | " + " | ".join(keys) + " |"
+    head = "| variant | " + " | ".join(keys) + " |"
     lines = [head, "|---" * (len(keys) + 1) + "|"]
     for name, m in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.2f}" if k != "ssim_out" else f"{m.get(k, float('nan')):.3f}"
