@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         "lr": DEMO["lr"], "steps": DEMO["steps"] if args.steps is None else args.steps,
         "ref-steps": DEMO["ref_steps"] if args.ref_steps is None else args.ref_steps,
         "render-steps": DEMO["render_steps"] if args.render_steps is None else args.render_steps,
-        "guidance": DEMO["guidance"], "shift": DEMO["shift"], "seed": 0, "device": "cpu",
+        "guidance": DEMO["guidance"], "shift": DEMO["shift"], "seed": 0, "device": "cpu", "mode": "mask-aware",
     }
     jobs = write_jobs(out, clips, settings, names)
     t0 = time.perf_counter()

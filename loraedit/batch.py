@@ -48,8 +48,6 @@ from loraedit.files import atomic_output, read_json, write_json
 
 log = logging.getLogger("loraedit")
 
-PATH_KEYS = ("model", "video", "first_frame", "mask", "masks", "sam2_checkpoint")
-BATCH_KEYS = ("name", "variant")  # keys of a job that are the batch's, not `loraedit edit`'s
 NOT_JOB_KEYS = ("out", "config", "quiet", "command", "func", "name", "restart")  # flags a job may not set
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 # Ray workers share the node's cores with other jobs: no busy-waiting OpenMP threads
@@ -78,6 +76,14 @@ def _edit_actions() -> dict[str, argparse.Action]:
             and a.dest != "help"}
 
 
+def _path_keys() -> dict[str, bool]:
+    """Settings that are paths → whether a value that is not a file may be a hub id (models)."""
+    from loraedit import settings as S
+
+    return {name: f.metadata["parse"] is S.model_path for name, f in S.all_fields().items()
+            if f.metadata["parse"] in (S.path, S.model_path)}
+
+
 def _is_multi(action: argparse.Action) -> bool:
     return isinstance(action, argparse._AppendAction)
 
@@ -92,12 +98,12 @@ def _normalise(table: dict, path: Path) -> dict:
         out["ref"] = _refs(out["ref"], path)
     if isinstance(out.get("variant"), list):
         out["variant"] = [_normalise(v, path) if isinstance(v, dict) else v for v in out["variant"]]
-    for key in PATH_KEYS:
+    for key, hub_id in _path_keys().items():
         v = out.get(key)
         if isinstance(v, str):
-            out[key] = _beside(v, path, hub_id=key == "model")
+            out[key] = _beside(v, path, hub_id=hub_id)
         elif isinstance(v, list):
-            out[key] = [_beside(x, path, hub_id=key == "model") if isinstance(x, str) else x for x in v]
+            out[key] = [_beside(x, path, hub_id=hub_id) if isinstance(x, str) else x for x in v]
     return out
 
 
@@ -272,7 +278,7 @@ def fingerprint(job: Job) -> str:
     from loraedit.files import sha256_path
 
     settings = dict(job.settings)
-    files = [settings.get(k) for k in PATH_KEYS if k != "model"]
+    files = [settings.get(k) for k, hub_id in _path_keys().items() if not hub_id]
     files += [r.partition("=")[2] for r in settings.get("ref") or [] if isinstance(r, str)]
     hashes = {str(f): sha256_path(f) for f in files if isinstance(f, str) and Path(f).exists()}
     model = Path(str(settings.get("model", "")))
