@@ -161,6 +161,16 @@ def auto_size(fam: ModelFamily, width: int, height: int) -> tuple[int, int]:
     return max(m, round(h * aspect / m) * m), h
 
 
+def family_of(model: str) -> ModelFamily:
+    """The family of `model`: a local folder's configs, or a hub id's (only its JSON files are
+    fetched, where there is network; the hub cache's folder name keeps '…-720P-…')."""
+    if Path(model).exists():
+        return detect(model)
+    from huggingface_hub import snapshot_download
+
+    return detect(snapshot_download(model, allow_patterns=["*.json"]))
+
+
 def working_size(fam: ModelFamily, size: tuple[int, int] | None, width: int, height: int) -> tuple[int, int]:
     """The size frames are fitted to: `size` (checked against the model's token size) or the model's
     default for a source of width × height (auto_size)."""

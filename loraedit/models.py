@@ -64,13 +64,8 @@ def check_model(path: str) -> str:
 
 
 def model_family(model: str) -> family.ModelFamily:
-    """The family of `model`: a local folder's configs, or a hub id's (only its JSON files are fetched)."""
-    if Path(model).exists():
-        return family.detect(model)
-    from huggingface_hub import snapshot_download
-
-    local = snapshot_download(model, allow_patterns=["*.json"])
-    return family.detect(local)
+    """The family of `model` (a local folder or a hub id): loraedit.family.family_of."""
+    return family.family_of(model)
 
 
 def lora_folders(run_dir: str | Path, fam: family.ModelFamily) -> dict[str, Path]:

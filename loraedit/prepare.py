@@ -98,10 +98,19 @@ def _model_config_value(model: str | None, keys: tuple[str, ...]):
 
 
 def _family(model: str | None):
-    """The model family of a local folder (loraedit.family), None without one."""
-    from loraedit.family import detect
+    """The model family (loraedit.family) of a local folder or hub id; None without a model, or for
+    a hub id whose configs cannot be fetched (then the Wan2.1-480P defaults apply)."""
+    from loraedit.family import family_of
 
-    return detect(model) if model and Path(model).is_dir() else None
+    if not model:
+        return None
+    if Path(model).exists():
+        return family_of(model)
+    try:
+        return family_of(model)
+    except Exception as exc:  # offline, or not a hub id at all: the model check reports that later
+        log.debug("no configs for %s (%s)", model, exc)
+        return None
 
 
 def model_frame_rate(model: str | None) -> float:
