@@ -33,6 +33,13 @@ log = logging.getLogger("loraedit")
 OPTIONAL_COMMANDS = ("loraedit.maskcli", "loraedit.demo", "loraedit.batch", "loraedit.evaluate", "loraedit.uicli")
 # a full disk or a folder without permission: the user's to fix, reported in one line
 USER_FIXABLE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+# what an interrupted command leaves, and how to go on
+INTERRUPTED = {
+    "edit": "run the same command again to go on (training resumes from its last checkpoint)",
+    "train": "run the same command again to resume from the last checkpoint",
+    "prepare": "run the same command again",
+    "render": "the unfinished render is not marked complete (it has no settings.json); run the command again to render it",
+}
 STAGE_COMMANDS = {
     "edit": "prepare, train and render in one go",
     "prepare": "pick frames and build the edit regions",
@@ -235,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     quiet_libraries()
     argv = sys.argv[1:] if argv is None else list(argv)
+    inv = None
+    from loraedit import runstate
+
+    runstate.last_command = None
     try:
         inv = resolve(argv)
         return inv.func(inv) if isinstance(inv, argparse.Namespace) else run_command(inv)
@@ -242,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loraedit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("loraedit: interrupted; run the same command again to continue (training resumes from its last checkpoint)",
-              file=sys.stderr)
+        command = runstate.last_command or getattr(inv, "command", None)  # edit: the stage it was in
+        print(f"loraedit: interrupted; {INTERRUPTED.get(command, 'nothing half-written is kept')}", file=sys.stderr)
         return 130
     except OSError as exc:
         if exc.errno not in USER_FIXABLE_ERRNOS:

@@ -63,3 +63,26 @@ def sha256_path(path: str | os.PathLike) -> str:
         h.update(str(p.relative_to(path)).encode())
         h.update(sha256_file(p).encode())
     return h.hexdigest()
+
+
+def canonical_safetensors(path: str | os.PathLike) -> None:
+    """Rewrite a .safetensors file's header with its keys sorted, so the same tensors and metadata
+    always give the same bytes (the safetensors writer keeps metadata in a hash map, whose order
+    changes from one process to the next). The tensor data is copied unchanged."""
+    import shutil
+    import struct
+
+    path = Path(path)
+    with open(path, "rb") as src:
+        (n,) = struct.unpack("<Q", src.read(8))
+        header = json.loads(src.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned, as the writer keeps it
+        src.seek(8)
+        if src.read(n) == text:
+            return
+        with atomic_output(path) as tmp, open(tmp, "wb") as dst:
+            dst.write(struct.pack("<Q", len(text)))
+            dst.write(text)
+            shutil.copyfileobj(src, dst, 1 << 24)
+

@@ -67,11 +67,12 @@ def contact_sheet(rows: list[np.ndarray], n: int = 6, tile_width: int = 320) -> 
 
 
 def output_dir(run_dir: Path, name: str | None) -> Path:
-    """render/ for the first render; render-2, render-3 … after, so no result is overwritten."""
+    """render/ for the first render; render-2, render-3 … after, so no result is overwritten (a folder
+    without settings.json holds an interrupted render, which the next render replaces)."""
     if name:
         return run_dir / name
     d, i = run_dir / "render", 2
-    while d.exists():
+    while (d / "settings.json").is_file():
         d, i = run_dir / f"render-{i}", i + 1
     return d
 

@@ -129,6 +129,7 @@ def describe_changes(old: dict, new: dict) -> str:
 
 
 _held: dict[str, int] = {}
+last_command: str | None = None  # the innermost command started in this process (for the Ctrl-C message)
 _held_guard = threading.Lock()
 
 
@@ -149,6 +150,8 @@ def run_lock(run_dir: Path, command: str):
     A second command refuses in one line; a lock left by a dead process on this host is taken
     over. Re-entrant within one process (edit → prepare → train → render).
     """
+    global last_command
+    last_command = command
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     key = str(run_dir.resolve())

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from loraedit import method
 from loraedit.errors import InputError
-from loraedit.files import atomic_output, read_json, sha256_file, write_json
+from loraedit.files import atomic_output, canonical_safetensors, read_json, sha256_file, write_json
 from loraedit import family
 from loraedit.settings import TrainSettings
 from loraedit.models import (add_lora, load_transformer, lora_folders, lora_parameters, memory_mode, model_family, peak_memory_gb,
@@ -85,7 +85,8 @@ def save_checkpoint(folder: Path, step: int, params: dict[str, torch.nn.Paramete
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "param_groups": state["param_groups"]}))
+    canonical_safetensors(tmp / "state.safetensors")  # the same run gives the same bytes
+    (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "param_groups": state["param_groups"]}, sort_keys=True))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)  # a checkpoint exists whole or not at all
 
@@ -267,6 +268,8 @@ def train_expert(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tens
     bar.close()
     seconds = time.perf_counter() - t0
     saved = save_lora(transformer, lora_dir, args.rank, args.alpha, args.lora_targets, wan_name=wan_lora_name(fam, expert))
+    for path in saved.values():
+        canonical_safetensors(path)  # the same run gives the same bytes (and the sha256 renders record)
     peak = peak_memory_gb(device)
     del transformer, optimizer, params, samples
     release_memory()

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +249,229 @@ def test_help_of_each_command_lists_only_its_own_flags():
         for flag in everything - own:
             assert f"{flag} " not in text and f"{flag}\n" not in text, (command, flag)
     assert "--steps" in sub.choices["train"].format_help() and "--steps" not in sub.choices["render"].format_help()
+
+
+# ---------------------------------------------------------------- bad values: one line, exit 2, before any model loads
+
+BAD_VALUES = [  # (flags added to a good `edit`, or a special case, and what the one line must say)
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--lr", "inf"], "--lr inf: must be a finite number"),
+    (["--lr", "0"], "--lr 0: must be greater than 0"),
+    (["--weight-decay", "-1"], "--weight-decay -1: must be at least 0"),
+    (["--device", "tpu7"], "--device tpu7: is not a device"),
+    (["--device", "cuda"], "--device cuda: no CUDA GPU"),
+    (["--feather", "-4", "--composite"], "--feather -4: must be at least 0"),
+    (["--lora-targets", "nothing_like_this"], "matches none of the model's"),
+    (["--lora-targets", "blocks.(["], "is not a valid regular expression"),
+    (["--seed", "-5"], "--seed -5: must be at least 0"),
+    (["--guidance", "-3"], "--guidance -3: must be at least 1"),
+    (["--alpha", "0"], "--alpha 0: must be greater than 0"),
+    (["--rank", "0"], "--rank 0: must be at least 1"),
+    (["--steps", "-1"], "--steps -1: must be at least 0"),
+    (["--steps", "two"], "--steps two: must be a whole number"),
+    (["--render-steps", "0"], "--render-steps 0: must be at least 1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every 0: must be at least 1"),
+    (["--memory", "fp16"], "--memory fp16: choose one of auto, fp32, bf16, fp8"),
+    (["--ref", "abc"], "write it as FRAME=PATH"),
+    (["--ref", "4="], "4=: the path is missing"),
+    (["--ref", "x=a.png"], "the frame must be a whole number"),
+    (["--size", "100x64"], "multiples of 16"),
+    (["--frames", "16"], "must be 4k+1"),
+    (["--mask", "/nonexistent/mask.png"], "no such mask file"),
+    (["--first-frame", "/nonexistent/edited.png"], "no such image"),
+    (["--grow", "-0.5"], "--grow -0.5: must be at least 0"),
+    ("toml steps = \"two\"", "steps = 'two': must be a whole number"),
+    ("toml rank = 2.5", "rank = 2.5: must be a whole number"),
+    ("toml stepz = 3", "unknown setting 'stepz'"),
+    ("toml ref = 4", "write each reference as FRAME=PATH"),
+    ("out is a file", "is an existing file, not a run folder"),
+    ("out read-only", "cannot create the run folder (Read-only file system)"),
+    ("render --steps 1", "--steps is not a setting of `loraedit render`"),
+]
+
+
+@pytest.mark.parametrize("change,expect", BAD_VALUES, ids=[str(c) for c, _ in BAD_VALUES])
+def test_a_bad_value_is_one_line_with_exit_2_before_any_model_loads(change, expect, tiny_model, clip, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from loraedit import encode, models, render, train
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the bad value was reported")
+
+    for module in (models, encode, train, render):  # where they are defined and where they are used
+        for name in ("load_transformer", "load_encoders", "load_vae"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, no_loading)
+    argv = edit_argv(tiny_model, clip, tmp_path / "run")
+    if isinstance(change, list):
+        argv += change
+    elif change.startswith("toml"):
+        line = change.removeprefix("toml ")
+        key = "--" + line.split(" =")[0]
+        if key in argv:  # the flag would override the file's value
+            del argv[argv.index(key) : argv.index(key) + 2]
+        (tmp_path / "job.toml").write_text(line + "\n")
+        argv += ["--config", str(tmp_path / "job.toml")]
+    elif change == "out is a file":
+        (tmp_path / "file").write_text("x")
+        argv[argv.index("--out") + 1] = str(tmp_path / "file")
+    elif change == "out read-only":
+        real_mkdir = Path.mkdir
+
+        def read_only(self, *a, **k):
+            if self == tmp_path / "ro" / "run":
+                raise OSError(errno.EROFS, "Read-only file system", str(self))
+            return real_mkdir(self, *a, **k)
+
+        monkeypatch.setattr(Path, "mkdir", read_only)
+        argv[argv.index("--out") + 1] = str(tmp_path / "ro" / "run")
+    elif change == "render --steps 1":
+        argv = ["render", "--out", str(tmp_path / "run"), "--steps", "1"]
+    assert main(argv) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("loraedit: error: ") and expect in lines[0], lines
+
+
+def test_flag_mistakes_are_reported_before_torch_is_imported(tmp_path):
+    """The checks run before the heavy imports, so a typo costs a fraction of a second."""
+    script = (
+        "import sys\n"
+        "from loraedit.cli import main\n"
+        f"codes = [main(['edit', '--out', {str(tmp_path / 'r')!r}, '--lr', 'nan']),\n"
+        f"         main(['render', '--out', {str(tmp_path / 'r')!r}, '--steps', '1']),\n"
+        f"         main(['edit', '--out', {str(tmp_path / 'r')!r}, '--size', '128X12'])]\n"
+        "print(codes, 'torch' in sys.modules, 'diffusers' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.stdout.strip() == "[2, 2, 2] False False", (r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 3 and "Traceback" not in r.stderr
+
+
+def test_values_are_normalised_before_they_are_recorded_or_compared(tiny_model, clip, tmp_path):
+    """128X128 is 128x128; a TOML ref string is one reference; relative paths become absolute."""
+    from loraedit.settings import PrepareSettings
+
+    s = PrepareSettings(size=" 96X64 ", ref="8=" + str(clip["ref"]), frames=17)
+    assert s.size == "96x64" and s.ref == {8: str(clip["ref"])}
+    (tmp_path / "job.toml").write_text(f'ref = "8={clip["ref"].name}"\n')
+    import shutil
+
+    shutil.copy(clip["ref"], tmp_path / clip["ref"].name)
+    inv = resolve(["prepare", "--out", str(tmp_path / "r"), "--config", str(tmp_path / "job.toml"), "--frames", "17"])
+    assert inv.stages[PrepareSettings].ref == {8: str(tmp_path / clip["ref"].name)}
+    run = tmp_path / "run"
+    assert main(edit_argv(tiny_model, clip, run, "--steps", "1", "--render-steps", "1")) == 0
+    argv = edit_argv(tiny_model, clip, run, "--steps", "1", "--render-steps", "1")
+    argv[argv.index("--size") + 1] = "96X64"
+    assert main(argv) == 0  # the same run: nothing refused, nothing redone
+    assert sorted(p.name for p in run.glob("render*")) == ["render"]
+
+
+# ---------------------------------------------------------------- failures during a run
+
+
+def test_a_non_finite_loss_stops_training_at_once_naming_the_step(tiny_model, clip, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(edit_argv(tiny_model, clip, run, "--lr", "1e30", "--steps", "6", "--checkpoint-every", "1")) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("loraedit:")]
+    assert len(lines) == 1 and "training diverged at step" in lines[0] and "lower --lr (now 1e+30; try 1e+29)" in lines[0], lines
+    assert not (run / "lora").exists() and not (run / "render").exists()
+    step = int(lines[0].split("step ")[1].split(":")[0])
+    import torch
+    from safetensors.torch import load_file
+
+    kept = sorted((run / "train" / "checkpoints").glob("step-*"))
+    assert kept and int(kept[-1].name.split("-")[1]) == step - 1  # the last good step is kept, nothing after it
+    assert all(torch.isfinite(t).all() for t in load_file(str(kept[-1] / "state.safetensors")).values())
+
+
+def test_a_full_disk_is_one_line_and_a_rerun_continues(tiny_model, clip, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from loraedit import train
+
+    real = train.save_file
+    calls = {"n": 0}
+
+    def disk_full(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(train, "save_file", disk_full)
+    argv = edit_argv(tiny_model, clip, tmp_path / "run", "--steps", "4", "--checkpoint-every", "2", "--render-steps", "1")
+    assert main(argv) == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("loraedit:")]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "run the same command again" in lines[0], lines
+    monkeypatch.setattr(train, "save_file", real)
+    assert main(argv) == 0
+    assert '"resumed_from": 2' in (tmp_path / "run" / "train" / "done.json").read_text()
+
+
+def test_ctrl_c_during_render_says_what_is_left_and_the_rerun_finishes_it(tiny_model, clip, tmp_path, capsys, monkeypatch):
+    from loraedit import method
+
+    run = tmp_path / "run"
+    argv = edit_argv(tiny_model, clip, run, "--steps", "1", "--render-steps", "1")
+    real = method.sample_latents
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(method, "sample_latents", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "render" in err
+    assert not (run / "render" / "settings.json").exists()
+    monkeypatch.setattr(method, "sample_latents", real)
+    assert main(["render", "--out", str(run), "-q"]) == 0
+    assert sorted(p.name for p in run.glob("render*")) == ["render"]  # the interrupted one, finished in place
+    assert (run / "render" / "settings.json").is_file()
+
+
+# ---------------------------------------------------------------- one command per run folder; identical bytes
+
+
+def test_two_edits_on_one_folder_the_second_refuses_and_identical_runs_give_identical_bytes(tiny_model, clip, tmp_path, capsys):
+    import os
+    import time
+
+    argv = edit_argv(tiny_model, clip, tmp_path / "a", "--steps", "3", "--checkpoint-every", "2", "--render-steps", "1",
+                     "--ref", f"8={clip['ref']}", "--ref-steps", "1")
+    env = dict(os.environ, PYTHONHASHSEED="123")  # another process, another hash seed: no dict-order luck
+    first = subprocess.Popen([sys.executable, "-m", "loraedit", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lock = tmp_path / "a" / ".lock"
+        for _ in range(600):
+            if lock.is_file() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert lock.is_file(), first.communicate()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is in use by another loraedit command" in err[0] and f"pid {first.pid}" in err[0], err
+    finally:
+        out, errs = first.communicate(timeout=600)
+    assert first.returncode == 0, errs
+    assert not lock.exists()
+    argv_b = list(argv)
+    argv_b[argv_b.index("--out") + 1] = str(tmp_path / "b")
+    assert main(argv_b) == 0
+    for rel in ("lora/pytorch_lora_weights.safetensors", "lora/wan_lora.safetensors",
+                "train/checkpoints/step-000004/state.safetensors", "train/checkpoints/step-000004/state.json"):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tiny_model, clip, tmp_path):
+    import socket
+
+    run = tmp_path / "run"
+    argv = edit_argv(tiny_model, clip, run, "--steps", "1", "--render-steps", "1")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run.mkdir()
+    (run / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "command": "edit"}))
+    assert main(argv) == 0
+    assert not (run / ".lock").exists()
