@@ -282,7 +282,11 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
         device = resolve_device(s.device)
         prepared = _prepared(run_dir)
         hashes = runstate.prepared_hashes(prepared)
+        negative = recorded_settings(run_dir, RenderSettings).get("negative_prompt")
+        es = _encode_settings(s.model, s, negative, _prompts(run_dir, s, prepared, device))
         record = _train_record(s, hashes)
+        # the texts training conditions on, as resolved (--caption auto): the video's, and stage 2's
+        record["texts"] = {"video": es.texts[0], "references": es.texts[1] if hashes["refs"] and s.ref_steps > 0 else None}
         rec_file = run_dir / "train" / "record.json"
         old = read_json(rec_file) if rec_file.is_file() else None
         leftovers = _has_trained_lora(run_dir) or (run_dir / "train" / "checkpoints").is_dir()
@@ -294,8 +298,6 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
             raise InputError(f"{run_dir}: holds a LoRA or checkpoints without a record of how they were trained; "
                              "use a new --out, or --restart to discard them and train again")
         write_json(rec_file, record)  # before the first step: a resume is checked against it
-        negative = recorded_settings(run_dir, RenderSettings).get("negative_prompt")
-        es = _encode_settings(s.model, s, negative, _prompts(run_dir, s, prepared, device))
         cache, key, seconds = _encode(run_dir, es, prepared, hashes, device)
         if seconds is not None:
             manifest.update(run_dir, "encode", {"seconds": seconds, "cache": f"cache/encoded-{key}.safetensors",
@@ -304,7 +306,7 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
         if figures.get("reused"):
             return figures
         _record_settings(run_dir, s)
-        manifest.update(run_dir, "train", figures, s.to_dict(), inputs=record["inputs"])
+        manifest.update(run_dir, "train", figures, s.to_dict(), inputs=dict(record["inputs"], texts=record["texts"]))
         return figures
 
 

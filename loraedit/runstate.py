@@ -122,6 +122,9 @@ def describe_changes(old: dict, new: dict) -> str:
         label = names.get(key) or (f"reference {key.split()[1]}'s contents" if key.startswith("ref ") else key)
         if label not in seen:
             seen.append(label)
+    for k in sorted(set(old) | set(new)):
+        if k not in ("settings", "inputs") and old.get(k) != new.get(k):
+            seen.append({"texts": "the captions it trains with"}.get(k, k))
     return ", ".join(dict.fromkeys(parts + seen))
 
 

@@ -418,10 +418,11 @@ class TrainSettings(Settings):
     trigger: str = setting("sks", "a rare word put before both captions, the LoRA's handle on this video (default sks; \"\" for none)",
                            group="prompts")
     caption: str = setting("off", "auto: caption the source's and the edited first frame with Florence-2 where --prompt / "
-                                  "--edit-prompt are not given", parse=choice("off", "auto"), group="prompts")
+                                  "--edit-prompt are not given", parse=choice("off", "auto"), group="prompts",
+                           affects_result=False)  # the captions it gives are recorded as training inputs
     captioner: str | None = setting(None, "Florence-2 for --caption auto: a local folder in the transformers layout, or a hub id where "
                                           "there is network (default florence-community/Florence-2-base)", parse=model_path,
-                                    metavar="PATH", group="prompts")
+                                    metavar="PATH", group="prompts", affects_result=False)
     mode: str = setting("auto", _MODE_HELP, parse=choice(*EDIT_MODES), group="inputs")
     steps: int = setting(100, "stage-1 steps on the video (default 100)", parse=integer, check=at_least(0))
     ref_steps: int = setting(100, "stage-2 steps on the references (default 100; only with --ref)", parse=integer, check=at_least(0))
