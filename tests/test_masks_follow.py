@@ -185,3 +185,15 @@ def test_real_cowboy_hat_stays_on_the_head():
     # it goes with the head as it sways (44 px side to side): the hat stays centred on the face
     # within 16 px of where it started (measured); a region left in place would be off by 30
     assert max(abs(o - offsets[0]) for o in offsets) < 20 and max(d for d, _ in faces) - min(d for d, _ in faces) > 40
+
+
+def test_background_patch_moves_with_a_camera_that_follows_the_subject():
+    # the camera pans 80 px keeping the head still in the frame: the head's corners stand still,
+    # the background's move; a recoloured patch of background goes with the background
+    frames, _, _ = head_with_hat(shift=0, pan=80)
+    box = (250, 40, 300, 90)
+    r, report = follow(frames, recolour(frames[0], box))
+    F = len(frames)
+    truth = moved_box(frames.shape[1:3], box, [(-int(round(80 * i / (F - 1))), 0) for i in range(F)])
+    ious = [iou(a, b) for a, b in zip(r, truth)]
+    assert report["motion"][1:].count("camera") >= F - 3 and min(ious) > 0.8, (report["motion"], [round(x, 2) for x in ious])
