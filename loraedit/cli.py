@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="the run folder")
         p.add_argument("--config", help="TOML job file; its keys are the flag names (keys of other commands are ignored)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        if name in ("edit", "train"):
+        if name in ("edit", "train", "prepare"):
             p.add_argument("--restart", action="store_true",
                            help="discard the run's trained LoRA and checkpoints and train again (needed when a training input changed)")
         if name == "render":
@@ -209,7 +209,7 @@ def run_command(inv: Invocation) -> int:
 
     S_ = inv.stages
     if inv.command == "prepare":
-        api.prepare(inv.out, S_[S.PrepareSettings])
+        api.prepare(inv.out, S_[S.PrepareSettings], restart=inv.restart)
     elif inv.command == "train":
         api.train(inv.out, S_[S.TrainSettings], restart=inv.restart, progress=not inv.quiet)
     elif inv.command == "render":

@@ -252,3 +252,26 @@ def test_a_resume_with_a_changed_training_setting_is_refused(tiny_model, clip, t
     assert "--rank 16 → 8" in capsys.readouterr().err
     assert main(argv) == 0
     assert '"resumed_from": 2' in (run / "train" / "done.json").read_text()
+
+
+def test_prepare_alone_refuses_to_replace_what_a_trained_lora_was_made_from(base_run, tiny_model, clip, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    before = _snapshot(run)
+    argv = ["prepare", "--out", str(run), "--model", str(tiny_model), "--video", str(clip["video"]),
+            "--first-frame", str(clip["first_frame"]), "--mask", str(_write_other_mask(clip, tmp_path)),
+            "--frames", "17", "--size", "96x64", "--ref", f"8={clip['ref']}"]
+    assert main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("loraedit:")]
+    assert len(err) == 1 and "the edit region" in err[0] and "--restart" in err[0], err
+    assert _snapshot(run) == before and not (run / ".prepare-new").exists()
+    argv[argv.index("--mask") + 1] = str(clip["mask"])  # the same inputs: reused, nothing rewritten
+    assert main(argv) == 0
+    assert _snapshot(run) == before
+    argv[argv.index("--mask") + 1] = str(_write_other_mask(clip, tmp_path))
+    assert main(argv + ["--restart"]) == 0  # explicit: the LoRA goes, the renders stay
+    assert not (run / "lora").exists() and not (run / "train").exists() and _snapshot_renders(run) == before["renders"]
+
+
+def _snapshot_renders(run):
+    return sorted(p.parent.name for p in run.glob("render*/settings.json"))
