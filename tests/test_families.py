@@ -238,6 +238,38 @@ def test_a14b_low_noise_expert_only_and_its_own_guidance(tiny_layouts, clip, tmp
     assert not (out / "lora" / "high_noise").exists()
 
 
+def test_a14b_killed_in_the_low_noise_expert_resumes_to_the_same_loras(tiny_layouts, clip, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from loraedit import train
+    from loraedit.cli import main
+
+    from conftest import edit_argv
+
+    def argv(out):
+        return edit_argv(tiny_layouts["a14b"], clip, out, "--frames", "5", "--steps", "4", "--checkpoint-every", "2",
+                         "--render-steps", "1")
+
+    assert main(argv(tmp_path / "whole")) == 0
+    real_step, calls = train.training_step, {"n": 0}
+
+    def dying_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:  # the low-noise expert's step 3, after its checkpoint at step 2
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "training_step", dying_step)
+    assert main(argv(tmp_path / "killed")) == 130
+    monkeypatch.setattr(train, "training_step", real_step)
+    assert main(argv(tmp_path / "killed")) == 0
+    assert '"resumed_from": 2' in (tmp_path / "killed" / "train" / "low_noise" / "done.json").read_text()
+    for expert in ("high_noise", "low_noise"):
+        a = load_file(str(tmp_path / "whole" / "lora" / expert / "pytorch_lora_weights.safetensors"))
+        b = load_file(str(tmp_path / "killed" / "lora" / expert / "pytorch_lora_weights.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), expert
+
+
 @pytest.mark.parametrize("flag", [["--experts", "low"], ["--guidance-2", "3"], ["--high-noise-steps", "10"]])
 def test_two_expert_settings_on_a_one_transformer_model_get_one_line(flag, tiny_model, clip, tmp_path, capsys):
     from loraedit.cli import main
