@@ -133,40 +133,82 @@ def load_scheduler(model: str, shift: float):
     return cls.from_config(scheduler.config, **{key: shift})
 
 
+def transformer_config(model: str, subfolder: str = "transformer") -> dict:
+    return json.loads((Path(model) / subfolder / "config.json").read_text())
+
+
 def load_transformer(model: str, device: torch.device, memory: str, subfolder: str = "transformer"):
-    """The denoiser (`subfolder`: 'transformer', or a two-expert model's 'transformer_2'), frozen,
-    in the precision of the memory mode.
+    """The denoiser, frozen, in the storage of the memory mode (see loraedit.memory).
 
-    memory: 'fp32' (CPU default), 'bf16' (GPU default) or 'fp8' (base weights stored in
-    float8 and cast per layer to bf16 for compute; halves the weights' memory again).
+    memory: a mode name ('fp32', 'bf16', 'fp8', 'bf16-offload', 'fp8-swap20' …). The weights are
+    read tensor by tensor from the safetensors files straight into their final dtype and place
+    (fp8 storage included, swapped blocks into host memory): the full bf16 model is never built.
+    A hub id (no local folder) goes through diffusers' from_pretrained.
     """
-    from diffusers import WanTransformer3DModel
+    from loraedit import memory as mem
 
-    compute = torch.float32 if memory == "fp32" or device.type == "cpu" and memory != "bf16" else torch.bfloat16
-    transformer = WanTransformer3DModel.from_pretrained(model, subfolder=subfolder, torch_dtype=compute)
-    transformer.requires_grad_(False)
-    if memory == "fp8":
-        # storage in fp8, compute in `compute`; norms/embeddings stay full precision (diffusers' skip list)
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
-    return transformer.to(device)
+    mode = mem.parse_mode(memory)
+    folder = Path(model) / subfolder
+    if folder.is_dir() and any(folder.glob("*.safetensors")):
+        transformer = mem.build_transformer(transformer_config(model, subfolder), mode, device, mem.safetensors_tensors(folder))
+    else:
+        from diffusers import WanTransformer3DModel
+
+        transformer = WanTransformer3DModel.from_pretrained(model, subfolder=subfolder, torch_dtype=mode.compute_dtype)
+        transformer.requires_grad_(False)
+        if mode.weights == "fp8":
+            transformer.enable_layerwise_casting(storage_dtype=mem.FP8, compute_dtype=mode.compute_dtype)
+        transformer.to(device)
+    transformer._memory_mode = mode
+    return transformer
+
+
+def compute_dtype_of(transformer) -> torch.dtype:
+    mode = getattr(transformer, "_memory_mode", None)
+    if mode is not None:
+        return mode.compute_dtype
+    w = transformer.blocks[0].attn1.to_q
+    w = getattr(w, "base_layer", w).weight
+    return torch.float32 if w.dtype == torch.float32 else torch.bfloat16
 
 
 def add_lora(transformer, rank: int, alpha: float, targets: str = DEFAULT_LORA_TARGETS, seed: int = 0):
-    """Attach a fresh LoRA (peft) to `transformer`; LoRA weights train in fp32."""
+    """Attach a fresh LoRA (peft) to `transformer`, initialised from `seed` whatever the memory mode.
+
+    The LoRA computes in the model's compute dtype (bf16 on a bf16 or fp8 model: no fp32 copies of
+    the adapted layers' inputs); AdamW updates fp32 masters (`lora_parameters`).
+    """
     from peft import LoraConfig
 
+    from loraedit import memory as mem
+
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the LoRA's initial A matrices are part of the reproducible run
-        transformer.add_adapter(config, adapter_name=ADAPTER)
+    transformer.add_adapter(config, adapter_name=ADAPTER)
+    device = transformer.patch_embedding.weight.device
     for name, p in transformer.named_parameters():
         if "lora_" in name:
-            p.data = p.data.float()
+            p.data = p.data.to(device, torch.float32)  # swapped blocks: the LoRA itself stays on the device
             p.requires_grad_(True)
+    mem.reinit_lora(transformer, seed)
+    mem.lora_to_compute_dtype(transformer, compute_dtype_of(transformer))
     return config
 
 
+def setup_training(transformer, device: torch.device, checkpointing: bool | None = None):
+    """Gradient checkpointing, activation offload and block swap as the memory mode asks (after add_lora)."""
+    from loraedit import memory as mem
+
+    mode = getattr(transformer, "_memory_mode", None) or mem.MemoryMode(weights="fp32", checkpointing=False)
+    if checkpointing is not None and not (mode.offload or mode.swap):
+        mode = mem.MemoryMode(mode.weights, checkpointing, mode.offload, mode.swap)
+    return mem.install(transformer, mode, device)
+
+
 def lora_parameters(transformer) -> dict[str, torch.nn.Parameter]:
+    """The LoRA weights AdamW updates: the fp32 masters when the LoRA computes in a lower dtype."""
+    masters = getattr(transformer, "_lora_masters", None)
+    if masters is not None:
+        return masters.masters
     return {n: p for n, p in transformer.named_parameters() if p.requires_grad}
 
 
@@ -175,6 +217,10 @@ def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     sd = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+    masters = getattr(transformer, "_lora_masters", None)
+    if masters is not None:  # the fp32 masters, not their rounded compute copies
+        by_key = {n.replace(f".{ADAPTER}.", "."): m for n, m in masters.masters.items()}
+        sd = {k: by_key.get(k, v) for k, v in sd.items()}
     return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
 
 
@@ -218,12 +264,40 @@ def save_lora(transformer, folder: str | Path, rank: int, alpha: float, targets:
     return {"diffusers": diffusers_file, "wan": wan_file}
 
 
-def load_trained_lora(transformer, lora_file: str | Path):
-    """Load our saved diffusers-format LoRA into a bare transformer (diffusers' own loader)."""
+def load_trained_lora(transformer, lora_file: str | Path, fuse: bool | None = None):
+    """Put our saved diffusers-format LoRA on a bare transformer for sampling.
+
+    The LoRA is created by peft from the file's own settings in the model's compute dtype (never
+    in the fp8 storage dtype: peft would otherwise round it to float8, and the CPU has no float8
+    matmul) and filled with the saved fp32 values. With bf16/fp32 weights it is then fused into the
+    weights (diffusers' fuse_lora): sampling costs nothing extra per step. With fp8 storage it stays
+    a separate bf16 LoRA: fusing would round the LoRA's small change of each weight (typically well
+    under 1% of it) to float8's 3-bit mantissa steps (6%), which erases most of what was trained.
+    """
     from diffusers import WanImageToVideoPipeline
+    from peft import LoraConfig
 
     sd, metadata = WanImageToVideoPipeline.lora_state_dict(str(lora_file), return_lora_metadata=True)
-    transformer.load_lora_adapter(sd, prefix="transformer", adapter_name=ADAPTER, metadata=metadata)
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    meta = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}
+    config = LoraConfig(r=int(meta["r"]), lora_alpha=float(meta["lora_alpha"]), target_modules=meta["target_modules"], init_lora_weights=True)
+    transformer.add_adapter(config, adapter_name=ADAPTER)
+    device, dtype = transformer.patch_embedding.weight.device, compute_dtype_of(transformer)
+    params = {n.replace(f".{ADAPTER}.", "."): p for n, p in transformer.named_parameters() if "lora_" in n}
+    if set(params) != set(sd):
+        missing = sorted(set(sd) ^ set(params))
+        raise InputError(f"{lora_file}: the LoRA does not match this model ({len(missing)} tensors differ, e.g. {missing[0]}); "
+                         "render with the --model it was trained on")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.data = sd[k].to(device, dtype)
+            p.requires_grad_(False)
+    mode = getattr(transformer, "_memory_mode", None)
+    if fuse is None:
+        fuse = mode is None or (mode.weights != "fp8" and not mode.swap)
+    if fuse:
+        transformer.fuse_lora(adapter_names=[ADAPTER])
+        transformer.unload_lora()
     return transformer
 
 

@@ -30,7 +30,9 @@ from typing import Any, Callable
 from loraedit.errors import InputError
 
 DEFAULT_LORA_TARGETS = r".*blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|attn2\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.0\.proj|ffn\.net\.2)"
-MEMORY_MODES = ("auto", "fp32", "bf16", "fp8")
+MEMORY_HELP = ("auto (default: the fastest mode the memory model fits in this GPU's free memory; fp32 on the CPU), fp32, bf16, "
+               "fp8 (weights stored in float8), bf16-offload / fp8-offload (block inputs in host memory), bf16-swapN / "
+               "fp8-swapN (also N blocks' weights in host memory); `loraedit plan` shows what fits")
 MASK_STYLES = ("bbox", "tight", "dilate", "blocks", "static")
 SEGMENTERS = ("flow", "sam2")
 
@@ -128,6 +130,16 @@ def device(value) -> str:
     s = text(value).strip().lower()
     if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", s):
         raise ValueError("is not a device; use auto, cpu, cuda or cuda:N")
+    return s
+
+
+def memory(value) -> str:
+    """auto, or a memory mode name (loraedit.plan.parse_mode: bf16, fp8-offload, bf16-swap20 …)."""
+    from loraedit.plan import parse_mode
+
+    s = text(value).strip().lower()
+    if s != "auto":
+        parse_mode(s)  # ValueError names the modes there are
     return s
 
 
@@ -441,8 +453,8 @@ class TrainSettings(Settings):
                            "(default), or for the low-noise expert only (half the training time)", parse=choice("both", "low"))
     high_noise_steps: int | None = setting(None, "Wan2.2-I2V-A14B: stage-1 steps of the high-noise expert (default: --steps)",
                                            parse=integer, check=at_least(0))
-    memory: str = setting("auto", "base weights: fp32 (CPU default), bf16 (GPU default), fp8 (stored in float8, lowest memory)",
-                          parse=choice(*MEMORY_MODES), group="resources", affects_result=False)
+    memory: str = setting("auto", MEMORY_HELP,
+                          parse=memory, group="resources", affects_result=False)
     gradient_checkpointing: str = setting("auto", "recompute activations in the backward pass (auto: on for GPU)",
                                           parse=choice("auto", "on", "off"), group="resources", affects_result=False)
     checkpoint_every: int = setting(25, "save a resumable checkpoint every N steps (default 25)", parse=integer, check=at_least(1),
@@ -509,8 +521,8 @@ class RenderSettings(Settings):
     feather: int = setting(8, "--composite: blend band in pixels (default 8)", parse=integer, check=at_least(0), group="rendering")
     # the render's numbers depend on the precision it samples in, so another mode is another render
     # (and any mode can render a LoRA trained in any mode)
-    memory: str = setting("auto", "base weights: fp32 (CPU default), bf16 (GPU default), fp8 (stored in float8, lowest memory)",
-                          parse=choice(*MEMORY_MODES), group="resources")
+    memory: str = setting("auto", MEMORY_HELP,
+                          parse=memory, group="resources")
     device: str = setting("auto", "auto (default), cuda, cuda:N or cpu", parse=device, group="resources", affects_result=False)
 
     def check_files(self) -> None:

@@ -28,7 +28,7 @@ from loraedit.files import atomic_output, canonical_safetensors, read_json, sha2
 from loraedit import family
 from loraedit.settings import TrainSettings
 from loraedit.models import (add_lora, load_transformer, lora_folders, lora_parameters, memory_mode, model_family, peak_memory_gb,
-                             release_memory, save_lora, wan_lora_name)
+                             release_memory, save_lora, setup_training, wan_lora_name)
 
 log = logging.getLogger("loraedit")
 
@@ -215,8 +215,8 @@ def train_expert(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tens
     memory = memory_mode(args.memory, device)
     transformer = load_transformer(args.model, device, memory, subfolder=expert)
     add_lora(transformer, args.rank, args.alpha, args.lora_targets, seed=args.seed)
-    if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.type == "cuda"):
-        transformer.enable_gradient_checkpointing()
+    # checkpointing (and activation offload / block swap) as the memory mode says; --gradient-checkpointing overrides
+    setup_training(transformer, device, {"on": True, "off": False}.get(args.gradient_checkpointing, device.type == "cuda" or None))
     transformer.train()
     params = lora_parameters(transformer)
     optimizer = make_optimizer(params.values(), args.lr, args.weight_decay)

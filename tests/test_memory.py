@@ -1,0 +1,224 @@
+"""Memory modes on the CPU: every mode trains like bf16, resumes bit-identically, renders; the GPU check runs.
+
+Activation offload and block swap run here as CPU-to-CPU copies through the same code a GPU runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraedit import memory as mem
+from loraedit import method, models, train
+from loraedit.tiny import tiny_transformer_config
+
+CPU = torch.device("cpu")
+CFG = tiny_transformer_config(num_layers=3)
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    T, h, w = 2, 8, 8
+    return (torch.randn(1, 16, T, h, w, generator=g), torch.randn(1, 20, T, h, w, generator=g),
+            torch.randn(1, 512, CFG["text_dim"], generator=g), torch.randn(1, 8, CFG["image_dim"], generator=g))
+
+
+def trained(mode_name: str, steps: int, start_from: Path | None = None, save_to: Path | None = None, seed: int = 3):
+    """(losses, LoRA state, first-step LoRA grads) of `steps` training steps in `mode_name`."""
+    mode = mem.parse_mode(mode_name)
+    model = mem.random_transformer(CFG, mode, CPU, seed=1)
+    model._memory_mode = mode
+    models.add_lora(model, 4, 4, seed=seed)
+    models.setup_training(model, CPU)
+    model.train()
+    params = models.lora_parameters(model)
+    opt = train.make_optimizer(params.values(), 1e-3, 0.01)
+    first = 0
+    if start_from is not None:
+        first, _ = train.load_checkpoint(start_from, params, opt)
+    x0, cond, text, image = batch()
+    losses, grads = [], None
+    for s in range(first, first + steps):
+        g = train.step_generator(0, s)
+        sigma = method.sample_sigma(1, "uniform", g)
+        noise = torch.randn(x0.shape, generator=g)
+        loss = method.velocity_loss(model, x0, cond, text, image, sigma, noise)
+        loss.backward()
+        if grads is None:
+            grads = {n: p.grad.clone() for n, p in params.items()}
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    if save_to is not None:
+        train.save_checkpoint(save_to, first + steps, params, opt, losses)
+    return losses, models.lora_state_dict(model), grads, model
+
+
+def test_mode_names():
+    assert mem.parse_mode("bf16-swap12") == mem.MemoryMode("bf16", True, True, 12)
+    assert mem.parse_mode("fp8-offload").name == "fp8-offload"
+    assert not mem.parse_mode("fp32").checkpointing and mem.parse_mode("bf16").checkpointing
+    for bad in ("bf17", "fp8-swap", "bf16-swap0", "swap3", "fp8-offload2"):
+        with pytest.raises(ValueError, match="memory mode"):
+            mem.parse_mode(bad)
+
+
+def test_every_mode_starts_from_the_same_lora_and_trains_like_bf16():
+    results = {name: trained(name, 2) for name in ("bf16", "bf16-offload", "bf16-swap2", "fp8", "fp8-swap3", "fp32")}
+    # the same LoRA at step 0 whatever the storage (A drawn in fp32 after every cast)
+    for name, (*_, model) in results.items():
+        a = dict(model.named_parameters())["blocks.0.attn1.to_q.lora_A.edit.weight"]
+        assert a.dtype == (torch.float32 if name == "fp32" else torch.bfloat16)  # LoRA computes in the compute dtype
+    bf16_losses, bf16_sd, bf16_grads, _ = results["bf16"]
+    for name, (losses, sd, grads, _) in results.items():
+        if name.startswith("bf16"):  # offload and swap move tensors, never change a value
+            assert losses == bf16_losses, name
+            assert all(torch.equal(sd[k], bf16_sd[k]) for k in sd), name
+            assert all(torch.equal(grads[k], bf16_grads[k]) for k in grads), name
+        else:
+            assert losses == pytest.approx(bf16_losses, rel=2e-3), name
+            g = torch.cat([grads[k].flatten() for k in sorted(grads)])
+            ref = torch.cat([bf16_grads[k].flatten() for k in sorted(grads)])
+            assert (g - ref).norm() / ref.norm() < 0.1, name  # fp8 rounds the base weights; fp32 skips bf16 rounding
+    # the saved LoRA is the fp32 master, not its bf16 compute copy
+    assert all(v.dtype == torch.float32 for v in bf16_sd.values())
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in bf16_sd.values())
+    # fp8 storage really is float8
+    fp8_model = results["fp8"][3]
+    assert fp8_model.blocks[0].attn1.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
+
+
+def test_the_lora_starts_the_same_in_every_storage():
+    starts = {}
+    for name in ("fp32", "bf16", "fp8"):
+        mode = mem.parse_mode(name)
+        model = mem.random_transformer(CFG, mode, CPU, seed=1)
+        model._memory_mode = mode
+        models.add_lora(model, 4, 4, seed=7)
+        starts[name] = {k: v.clone() for k, v in models.lora_parameters(model).items()}
+    for name in ("bf16", "fp8"):
+        assert all(torch.equal(starts[name][k], starts["fp32"][k]) for k in starts["fp32"]), name
+    a = [v for k, v in starts["fp32"].items() if "lora_A" in k]
+    assert all(v.abs().sum() > 0 for v in a) and all(not v.any() for k, v in starts["fp32"].items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("mode", ["fp8-swap2", "bf16-offload"])
+def test_resume_is_bit_identical(tmp_path, mode):
+    straight, sd_straight, *_ = trained(mode, 4)
+    first, *_ = trained(mode, 2, save_to=tmp_path / "ck")
+    rest, sd_resumed, *_ = trained(mode, 2, start_from=tmp_path / "ck")
+    assert first + rest == straight
+    assert all(torch.equal(sd_resumed[k], sd_straight[k]) for k in sd_straight)
+
+
+def test_block_swap_keeps_weights_on_the_host_and_streams_them(tmp_path):
+    mode = mem.parse_mode("bf16-swap2")
+    model = mem.random_transformer(CFG, mode, CPU, seed=1)
+    model._memory_mode = mode
+    models.add_lora(model, 4, 4)
+    runner = models.setup_training(model, CPU)
+    assert sorted(runner.host) == [1, 2]
+    x0, cond, text, image = batch()
+    method.velocity_loss(model, x0, cond, text, image, torch.tensor([0.5]), torch.randn_like(x0)).backward()
+    # every swapped block is back on its host copy after the step, and was moved in forward and backward
+    assert all(p.data_ptr() == h.data_ptr() for i in (1, 2) for p, h in runner.host[i])
+    per_block = sum(h.numel() * h.element_size() for _, h in runner.host[2])
+    assert runner.bytes_moved >= 3 * per_block  # 2 swapped blocks in forward + backward, minus the turn-around
+    assert not runner.ready and not runner.stack
+    assert all(p.grad is None for p in model.parameters())  # grads went to the fp32 masters
+    masters = models.lora_parameters(model)
+    assert all(p.grad is not None for p in masters.values())
+    # an optimizer step on the masters is what the next forward computes with
+    opt = train.make_optimizer(masters.values(), 1e-2, 0.0)
+    opt.step()
+    method.velocity_loss(model, x0, cond, text, image, torch.tensor([0.5]), torch.randn_like(x0))
+    compute = dict(model.named_parameters())
+    assert all(torch.equal(compute[n], m.detach().bfloat16()) for n, m in masters.items())
+
+
+def test_render_in_every_mode_from_a_bf16_trained_lora(tmp_path, tiny_model):
+    """Issue: fp8 render crashed (peft made the LoRA float8). Train in one mode, render in others."""
+    t = models.load_transformer(str(tiny_model), CPU, "bf16")
+    models.add_lora(t, 4, 4)
+    with torch.no_grad():
+        for p in models.lora_parameters(t).values():
+            p.add_(0.05)
+    files = models.save_lora(t, tmp_path / "lora", 4, 4, models.DEFAULT_LORA_TARGETS)
+    x0, cond, text, image = batch()
+    text = torch.randn(1, 512, 32)
+    image = torch.randn(1, 8, 16)
+    effects = {}
+    for mode in ("fp32", "bf16", "fp8", "fp8-swap1", "bf16-offload"):
+        with torch.no_grad():
+            plain = method.predict_velocity(models.load_transformer(str(tiny_model), CPU, mode).eval(), x0, cond, torch.tensor([0.4]), text, image)
+            model = models.load_transformer(str(tiny_model), CPU, mode).eval()
+            models.load_trained_lora(model, files["diffusers"])
+            out = method.predict_velocity(model, x0, cond, torch.tensor([0.4]), text, image)
+        assert torch.isfinite(out).all(), mode
+        effects[mode] = (out.float() - plain.float()).flatten()
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
+        # fused into bf16/fp32 weights; kept as a separate bf16 LoRA over fp8 storage or swapped weights
+        assert not lora if mode in ("fp32", "bf16", "bf16-offload") else all(p.dtype == torch.bfloat16 for p in lora), mode
+    ref = effects["fp32"]
+    assert ref.abs().mean() > 1e-3
+    for mode, e in effects.items():  # the trained change is there in every mode
+        assert torch.nn.functional.cosine_similarity(e, ref, dim=0) > 0.9, mode
+        assert 0.7 < e.norm() / ref.norm() < 1.3, mode
+
+
+def test_loading_never_builds_a_full_precision_copy(tiny_model):
+    """Weights go tensor by tensor into their final dtype: fp8 storage from the start, norms in fp32."""
+    model = models.load_transformer(str(tiny_model), CPU, "fp8")
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["blocks.0.ffn.net.0.proj.weight"] == torch.float8_e4m3fn
+    assert dtypes["blocks.0.scale_shift_table"] == torch.float32
+    ref = models.load_transformer(str(tiny_model), CPU, "fp32")
+    w = dict(ref.named_parameters())["blocks.1.attn1.to_v.weight"]
+    assert torch.equal(dict(model.named_parameters())["blocks.1.attn1.to_v.weight"], w.to(torch.float8_e4m3fn))
+
+
+def test_gpu_check_runs_end_to_end_on_a_tiny_config(tmp_path, monkeypatch):
+    """The GPU check script on tiny configs: one row in its own process, as the GPU run does, the
+    other kinds in-process (each process start costs seconds on a shared CPU)."""
+    out = tmp_path / "gpu_check.json"
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "bench" / "gpu_check.py"), "--tiny", "--out", str(out), "--steps", "1", "--rows", "train 24GB"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "ok" and row["s_per_step"] > 0 and row["loss_finite"], row
+    assert "s/step" in out.with_suffix(".log").read_text()
+
+    sys.path.insert(0, str(root / "bench"))
+    import gpu_check
+
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--tiny", "--in-process", "--steps", "1", "--out", str(out),
+                                      "--rows", "render fp8,attention,vae,ti2v"])
+    gpu_check.main()
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 4
+    bad = {n: row.get("error") for n, row in rows.items() if row["status"] != "ok"}
+    assert not bad, bad
+    assert rows["attention backends"]["backends"]["native"]["block_fwd_bwd_s"] > 0
+    assert "decode_tiled" in rows["vae encode+decode"]
+
+
+def test_gpu_check_keeps_going_after_a_failing_row(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import gpu_check
+
+    def boom(row, device, steps):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+
+    monkeypatch.setitem(gpu_check.RUNNERS, "render", boom)
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--tiny", "--in-process", "--steps", "1", "--out", str(tmp_path / "g.json"),
+                                      "--rows", "render bf16,train bf16-offload"])
+    gpu_check.main()
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "OOM"]
