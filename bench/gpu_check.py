@@ -146,16 +146,12 @@ def _build(cfg, mode_name, device, for_training=True):
     return model, mode
 
 
-def choose_mode(cfg, target_gib: float, measured: dict) -> str:
-    """The fastest mode expected under `target_gib`: from the memory model when it is there, else
-    from the peaks measured by the earlier rows (block swap sized from the bf16-offload peak)."""
-    try:
-        from loraedit import plan
-
-        if hasattr(plan, "choose"):
-            return plan.choose(cfg, target_gib)
-    except Exception:  # noqa: BLE001 — the memory model is optional here
-        pass
+def choose_mode(cfg, target_gib: float, measured: dict, predictions: dict) -> str:
+    """The fastest mode expected under `target_gib`: the memory model's choice when the predictions
+    file has one, else from the peaks measured by the earlier rows (swap sized from bf16-offload)."""
+    chosen = predictions.get("choose", {}).get(f"{target_gib:g}")
+    if chosen:
+        return chosen
     order = ["bf16", "bf16-offload", "fp8", "fp8-offload"]
     for name in order:
         peak = measured.get(name)
@@ -399,17 +395,39 @@ def run_row(row: dict, device_name: str, steps: int, warmup: int) -> dict:
 # ---------------------------------------------------------------- the parent: schedule, isolate, report
 
 
-def predict(row: dict) -> dict | None:
-    """The memory model's prediction for a row, when the memory model is there and can answer."""
-    try:
-        from loraedit import plan
+PREDICTIONS = ROOT / "bench" / "results" / "gpu_check_predictions.json"
 
-        if not hasattr(plan, "predict_row"):
-            return None
-        cfg, vf, frames, size = model_spec(row["model"])
-        return plan.predict_row(cfg, row, vf, frames, size)
-    except Exception as exc:  # noqa: BLE001
-        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+
+def pred_key(row: dict) -> str:
+    return f"{row['model']}|{row['kind']}|{row.get('mode')}"
+
+
+def predict(row: dict, predictions: dict) -> dict | None:
+    """The memory model's prediction for a row, from the predictions file (computed beforehand on a
+    CPU with --write-predictions, so the GPU's time is spent measuring)."""
+    return predictions.get("rows", {}).get(pred_key(row))
+
+
+def write_predictions(path: Path, tiny: bool) -> None:
+    """Run the memory model for every train/render row (and the capped rows' choices); CPU only."""
+    from loraedit import plan
+
+    out = {"rows": {}, "choose": {}}
+    for row in rows_for(tiny):
+        if row["kind"] not in ("train", "render"):
+            continue
+        cfg, vf, frames, (W, H) = model_spec(row["model"])
+        latent = ((frames - 1) // 4 + 1, H // vf, W // vf)
+        if row.get("mode") == "auto":
+            chosen = plan.choose(cfg, latent, row["target_gib"])
+            out["choose"][f"{row['target_gib']:g}"] = chosen["chosen"]
+            row = {**row, "mode": chosen["chosen"]}
+        kind = "train" if row["kind"] == "train" else "render"
+        r = plan.predict(cfg, row["mode"], latent, kind=kind)
+        out["rows"][pred_key(row)] = r
+        print(row["name"], row["mode"], {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
 
 
 def fmt(row: dict, res: dict, pred: dict | None) -> str:
@@ -443,6 +461,8 @@ def main() -> None:
     ap.add_argument("--rows", default=None, help="comma-separated name starts: run only the rows whose names start with one")
     ap.add_argument("--in-process", action="store_true", help="run the rows in this process (faster on the CPU; no crash isolation)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--predictions", default=str(PREDICTIONS), help="the memory model's predictions to print beside the figures")
+    ap.add_argument("--write-predictions", action="store_true", help="compute the predictions file (CPU, minutes) and exit")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: run one row (JSON) in a child
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -452,6 +472,12 @@ def main() -> None:
         Path(a.result).write_text(json.dumps(res))
         return
 
+    if a.write_predictions:
+        write_predictions(Path(a.predictions), a.tiny)
+        return
+    predictions = {}
+    if Path(a.predictions).is_file() and not a.tiny:
+        predictions = json.loads(Path(a.predictions).read_text())
     t_start = time.perf_counter()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -501,8 +527,8 @@ def main() -> None:
         if row.get("mode") == "auto":
             cfg = model_spec(row["model"])[0]
             target = row["target_gib"] if not a.tiny else 1e9
-            row = {**row, "mode": choose_mode(cfg, target, measured)}
-        pred = predict(row)
+            row = {**row, "mode": choose_mode(cfg, target, measured, predictions)}
+        pred = predict(row, predictions)
         t = time.perf_counter()
         if a.in_process:
             res = run_row(row, device, a.steps, 1)

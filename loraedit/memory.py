@@ -38,6 +38,21 @@ from loraedit.plan import MemoryMode, parse_mode  # noqa: F401  (the mode names 
 FP8 = torch.float8_e4m3fn
 
 
+# Set by the memory model (loraedit.plan) while it simulates: tensors created inside `on_host()`
+# count as host memory. On a GPU the device of each tensor says it; in the CPU simulation it cannot.
+_host_allocation = 0
+
+
+@contextlib.contextmanager
+def on_host():
+    global _host_allocation
+    _host_allocation += 1
+    try:
+        yield
+    finally:
+        _host_allocation -= 1
+
+
 # ---------------------------------------------------------------- building the transformer without a full-precision copy
 
 
@@ -46,7 +61,7 @@ def _module_device(name: str, host_blocks: set[int]) -> bool:
     return m is not None and int(m.group(1)) in host_blocks
 
 
-def build_transformer(config: dict, mode: MemoryMode, device: torch.device, tensors=None, seed: int = 0, cls=None):
+def build_transformer(config: dict, mode: MemoryMode, device: torch.device, tensors=None, seed: int | None = 0, cls=None):
     """The denoiser of `config`, frozen, with every tensor created once, in its final dtype and place.
 
     Built on the meta device, cast there (bf16 / fp8 storage decided by diffusers' own rules:
@@ -55,7 +70,8 @@ def build_transformer(config: dict, mode: MemoryMode, device: torch.device, tens
     `device`. Nothing full-precision or full-size is ever built first.
 
     tensors: iterable of (name, tensor) (e.g. read from the safetensors files one by one); None →
-    random weights (the real cost, for benchmarks and the memory model).
+    random weights from `seed` (the real cost, for benchmarks), or left uninitialised when seed is
+    None (the memory model's fake tensors have no values).
     """
     if cls is None:
         from diffusers import WanTransformer3DModel as cls
@@ -71,15 +87,20 @@ def build_transformer(config: dict, mode: MemoryMode, device: torch.device, tens
         model.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=mode.compute_dtype)
     n = len(model.blocks)
     host_blocks = set(range(n - min(mode.swap, n), n))
-    host = torch.device("cpu")
+    host = torch.device("meta" if device.type == "meta" else "cpu")  # meta: the memory model's simulation
     for name, module in model.named_modules():
-        module.to_empty(device=host if _module_device(name, host_blocks) else device, recurse=False)
+        if _module_device(name, host_blocks):
+            with on_host():
+                _materialise(module, host)
+        else:
+            _materialise(module, device)
     if device.type == "cuda" and host_blocks:
         model._pinned_arena = _pin_blocks([model.blocks[i] for i in sorted(host_blocks)])
     _rebuild_buffers(model, device)
     params = dict(model.named_parameters())
     if tensors is None:
-        _random_init(params.items(), seed, device)
+        if seed is not None:
+            _random_init(params.items(), seed, device)
     else:
         missing = set(params)
         with torch.no_grad():
@@ -118,6 +139,16 @@ def _pin_blocks(blocks) -> torch.Tensor:
     return arena
 
 
+def _materialise(module, device) -> None:
+    """Module.to_empty(recurse=False), written out: to_empty swaps tensors, which fake tensors refuse."""
+    for name, p in module._parameters.items():
+        if p is not None:
+            module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
+    for name, b in module._buffers.items():
+        if b is not None:
+            module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+
+
 def _rebuild_buffers(model, device) -> None:
     """Non-persistent buffers (the RoPE tables) are computed in __init__; recompute them for real."""
     rope = getattr(model, "rope", None)
@@ -145,7 +176,7 @@ def _random_init(named_params, seed: int, device: torch.device | None = None) ->
             p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
 
 
-def random_transformer(config: dict, mode: MemoryMode, device: torch.device, seed: int = 0, cls=None):
+def random_transformer(config: dict, mode: MemoryMode, device: torch.device, seed: int | None = 0, cls=None):
     return build_transformer(config, mode, device, None, seed, cls)
 
 
@@ -253,6 +284,7 @@ class BlockRunner:
         self.index = {id(b): i for i, b in enumerate(self.blocks)}
         self.device = device
         self.cuda = device.type == "cuda"
+        self.host_device = torch.device("meta" if device.type == "meta" else "cpu")
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.offload = offload
         n = len(self.blocks)
@@ -261,7 +293,7 @@ class BlockRunner:
         self.host = {i: [(p, p.data) for p in self.blocks[i].parameters() if not p.requires_grad] for i in sorted(self.swapped)}
         self.ready: dict[int, torch.cuda.Event | None] = {}  # swapped blocks now on the device
         self.stack: list = []  # forward contexts of this step, for activation prefetch in backward
-        self.anchor = torch.zeros((), requires_grad=True)  # makes every block's output require grad
+        self.anchor = torch.zeros((), device=self.host_device, requires_grad=True)  # makes every block's output require grad
         self.bytes_moved = 0
         self.training_forward = False
         for i in self.swapped:
@@ -331,7 +363,8 @@ class BlockRunner:
     def stash(self, t: torch.Tensor):
         if not self.offload:
             return t
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+        with on_host():
+            host = torch.empty(t.shape, dtype=t.dtype, device=self.host_device, pin_memory=self.cuda)
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with self._copy_ctx():
@@ -347,7 +380,7 @@ class BlockRunner:
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with self._copy_ctx():
-            t = ctx.hidden.to(self.device, non_blocking=True) if self.cuda else ctx.hidden.clone()
+            t = ctx.hidden.to(self.device, non_blocking=True, copy=True)
             ev = None
             if self.cuda:
                 ev = torch.cuda.Event()

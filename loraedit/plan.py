@@ -78,3 +78,225 @@ KNOWN_MODELS = {
     "wan2.2-i2v-a14b": (WAN22_I2V_A14B_EXPERT, 8, 49, (832, 480)),
     "wan2.2-ti2v-5b": (WAN22_TI2V_5B, 16, 121, (1280, 704)),
 }
+
+
+# ---------------------------------------------------------------- the simulation
+
+
+class _LiveMemory:
+    """A dispatch mode that counts the bytes of every live storage, on the device and on the host.
+
+    Each op's outputs are looked at once per storage (views share one); a weak reference frees the
+    bytes when the storage dies, so what autograd saves for backward stays counted exactly as long
+    as autograd holds it. Peaks are of live tensors (what torch.cuda.max_memory_allocated reports).
+    """
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.live = {"device": 0, "host": 0}
+                self.peak = {"device": 0, "host": 0}
+                self.seen = {}
+
+            def track(self, t):
+                import weakref
+
+                import torch
+
+                from loraedit import memory as mem
+
+                if not isinstance(t, torch.Tensor):
+                    return
+                st = t.untyped_storage()
+                key = id(st)
+                if key in self.seen:
+                    return
+                where = "host" if mem._host_allocation else "device"
+                n = st.nbytes()
+                self.seen[key] = (where, n)
+                self.live[where] += n
+                self.peak[where] = max(self.peak[where], self.live[where])
+                weakref.finalize(st, self.free, key)
+
+            def free(self, key):
+                where, n = self.seen.pop(key)
+                self.live[where] -= n
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                import torch.utils._pytree as pytree
+
+                out = func(*args, **(kwargs or {}))
+                for t in pytree.tree_leaves(out):
+                    self.track(t)
+                return out
+
+            def reset_peak(self):
+                self.peak = dict(self.live)
+
+        return Mode()
+
+
+def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    import torch
+
+    if attn_mask is not None:
+        raise ValueError("the memory model simulates attention without a mask only")
+    return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+
+
+def simulate(config: dict, mode_name: str, latent: tuple[int, int, int], image_tokens: int = 257, kind: str = "train",
+             rank: int = 16, cfg_batch: int = 1, count_flops: bool = True) -> dict:
+    """One real training step (kind='train', after a first one so AdamW's state exists) or one
+    sampling step with CFG (kind='render') of `config` in `mode_name`, on meta tensors.
+
+    latent: (T, h, w) latent frames and size. Returns GiB: weights (device), peak (device), host
+    (peak host-resident tensors: swapped weights, offloaded block inputs), and the step's FLOPs.
+    """
+    from unittest import mock
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from loraedit import memory as mem
+    from loraedit import method, models, train
+
+    GiB = 2**30
+    mode = mem.parse_mode(mode_name)
+    dev = torch.device("meta")
+    T, h, w = latent
+    lat = config["out_channels"]
+    # meta tensors (shapes, dtypes, no data); attention as the flash kernel a GPU runs for bf16 (saves
+    # q, k, v, out and the log-sum-exp, never the L×L weights that SDPA's meta fallback would build)
+    with torch.device("meta"), mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _flash_sdpa), \
+            _LiveMemory() as live:
+        model = mem.random_transformer(config, mode, dev, seed=None)
+        model._memory_mode = mode
+        weights = live.live["device"]
+        x0 = torch.randn(1, lat, T, h, w)
+        cond = torch.randn(1, config["in_channels"] - lat, T, h, w) if config["in_channels"] > lat else None
+        text = torch.randn(1, 512, config["text_dim"])
+        image = torch.randn(1, image_tokens, config["image_dim"]) if config.get("image_dim") else None
+        tokens = T * (h // config["patch_size"][1]) * (w // config["patch_size"][2])
+        flops = FlopCounterMode(display=False)
+        if kind == "train":
+            models.add_lora(model, rank, rank)
+            models.setup_training(model, dev)
+            model.train()
+            params = models.lora_parameters(model)
+            # AdamW as train.make_optimizer, unfused (no fused kernel for meta tensors; same state)
+            opt = torch.optim.AdamW(params.values(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01, foreach=False)
+
+            def step():
+                sigma = torch.rand(1)
+                noise = torch.randn(x0.shape)
+                if cond is not None:
+                    loss = method.velocity_loss(model, x0, cond, text, image, sigma, noise)
+                else:  # TI2V: no condition channels, per-token timesteps
+                    x_t = sigma * noise + (1 - sigma) * x0
+                    pred = model(hidden_states=x_t.to(mode.compute_dtype), timestep=(sigma * 1000).expand(1, tokens),
+                                 encoder_hidden_states=text.to(mode.compute_dtype), return_dict=False)[0]
+                    loss = torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0, foreach=False)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            step()
+            live.reset_peak()
+            step()
+            peak = dict(live.peak)
+            if count_flops:
+                with flops:  # a separate step: the counter's module hooks keep activations alive
+                    step()
+        else:
+            model.eval()
+            b = cfg_batch
+
+            def sample_step():
+                for _ in range(2 // b):  # CFG: two calls, or one call on a batch of two
+                    xb = torch.cat([x0] * b)
+                    if cond is not None:
+                        method.predict_velocity(model, xb, torch.cat([cond] * b), torch.full((b,), 500.0), torch.cat([text] * b),
+                                                None if image is None else torch.cat([image] * b), is_timestep=True)
+                    else:
+                        model(hidden_states=xb.to(mode.compute_dtype), timestep=torch.full((b, tokens), 500.0),
+                              encoder_hidden_states=torch.cat([text] * b).to(mode.compute_dtype), return_dict=False)
+
+            with torch.no_grad():
+                live.reset_peak()
+                sample_step()
+                peak = dict(live.peak)
+                if count_flops:
+                    with flops:
+                        sample_step()
+        runner = getattr(model, "_block_runner", None)
+        moved = runner.bytes_moved if runner is not None else 0
+        out = {"mode": mode.name, "kind": kind, "tokens": tokens, "weights_gib": weights / GiB, "peak_gib": peak["device"] / GiB,
+               "host_gib": peak["host"] / GiB, "tflop": flops.get_total_flops() / 1e12,
+               "moved_gib": moved / GiB / (2 + count_flops)}
+    return out
+
+
+def predict(config: dict, mode_name: str, latent: tuple[int, int, int], kind: str = "train", rank: int = 16, cfg_batch: int = 1,
+            count_flops: bool = True) -> dict:
+    """`simulate` for the full depth, from two or three shallow copies of the model.
+
+    Every quantity is linear in the number of blocks n and of swapped blocks s (each block adds
+    its weights, LoRA, AdamW state and saved input; each swapped block moves its weights from the
+    device to the host), so the full model's figures are solved exactly from simulations with
+    2-4 blocks: seconds instead of minutes, and checked against the full simulation in the tests.
+    """
+    from loraedit import memory as mem
+
+    mode = mem.parse_mode(mode_name)
+    n = config["num_layers"]
+    keys = ("weights_gib", "peak_gib", "host_gib", "tflop", "moved_gib")
+
+    def sim(layers: int, swap: int) -> dict:
+        m = mode.name if not mode.swap else f"{mode.weights}-swap{swap}"
+        return simulate({**config, "num_layers": layers}, m, latent, kind=kind, rank=rank, cfg_batch=cfg_batch, count_flops=count_flops)
+
+    if not mode.swap or n <= 4:
+        if n <= 3:
+            out = sim(n, min(mode.swap, n))
+            return {**out, "mode": mode.name}
+        a, b = sim(2, 0), sim(3, 0)
+        out = {k: a[k] + (b[k] - a[k]) * (n - 2) for k in keys}
+    else:
+        s = min(mode.swap, n)
+        a, b, c = sim(3, 2), sim(4, 2), sim(4, 3)  # a→b: one more resident block; b→c: one of them swapped
+        out = {k: a[k] + (b[k] - a[k]) * (n - 3) + (c[k] - b[k]) * (s - 2) for k in keys}
+    return {**out, "mode": mode.name, "kind": kind, "tokens": a["tokens"]}
+
+
+# fastest first: bf16 weights (exact) before fp8 storage (rounds the base weights), swap last
+SPEED_ORDER = ("bf16", "bf16-offload", "fp8", "fp8-offload")
+
+
+def choose(config: dict, latent: tuple[int, int, int], budget_gib: float, rank: int = 16) -> dict:
+    """The fastest mode whose predicted training peak is within `budget_gib`.
+
+    Returns {"chosen": name or None, "modes": {name: prediction}}; block swap is sized to the
+    fewest swapped blocks that fit (solved from the same linear model as `predict`).
+    """
+    modes = {}
+    for name in SPEED_ORDER:
+        modes[name] = predict(config, name, latent, rank=rank, count_flops=False)
+        if modes[name]["peak_gib"] <= budget_gib:
+            return {"chosen": name, "modes": modes}
+    n = config["num_layers"]
+    for weights in ("bf16", "fp8"):
+        full = predict(config, f"{weights}-swap{n}", latent, rank=rank, count_flops=False)
+        fewer = predict(config, f"{weights}-swap{max(2, n - 1)}", latent, rank=rank, count_flops=False) if n > 3 else full
+        per_block = fewer["peak_gib"] - full["peak_gib"]  # device memory of one more resident block
+        if full["peak_gib"] > budget_gib:
+            modes[full["mode"]] = full
+            continue
+        keep = int((budget_gib - full["peak_gib"]) / per_block) if per_block > 0 else 0
+        name = f"{weights}-swap{max(1, n - keep)}"
+        modes[name] = predict(config, name, latent, rank=rank, count_flops=False)
+        return {"chosen": name, "modes": modes}
+    return {"chosen": None, "modes": modes}
