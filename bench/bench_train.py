@@ -26,32 +26,19 @@ from loraedit import method, train  # noqa: E402
 from loraedit.models import DEFAULT_LORA_TARGETS, add_lora, lora_parameters  # noqa: E402
 from loraedit.tiny import tiny_transformer_config  # noqa: E402
 
-WAN21_I2V_14B = dict(
-    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-    eps=1e-6, image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024,
-)
+from loraedit.plan import WAN21_I2V_14B  # noqa: E402
 
 
-def build(config: dict, device: torch.device, memory: str, checkpointing: bool):
-    from diffusers import WanTransformer3DModel
+def build(config: dict, device: torch.device, memory: str, checkpointing: bool | None):
+    """The transformer built directly in its memory mode's dtype and place (never fp32 first), with a LoRA."""
+    from loraedit import memory as mem
+    from loraedit.models import setup_training
 
-    compute = torch.bfloat16 if memory in ("bf16", "fp8") else torch.float32
-    with torch.device("meta"):
-        model = WanTransformer3DModel(**config)
-    model = model.to_empty(device=device).to(compute)
-    for name, module in model.named_modules():  # as from_pretrained does: these stay fp32
-        if any(k in name.split(".") for k in getattr(model, "_keep_in_fp32_modules", None) or []):
-            module.float()
-    with torch.no_grad():  # random weights of a sane scale: the cost is what is measured
-        for p in model.parameters():
-            p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0 if p.ndim == 1 else 0.0)
-    model.requires_grad_(False)
-    if memory == "fp8":
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
+    mode = mem.parse_mode(memory)
+    model = mem.random_transformer(config, mode, device)
+    model._memory_mode = mode
     add_lora(model, 16, 16, DEFAULT_LORA_TARGETS)
-    if checkpointing:
-        model.enable_gradient_checkpointing()
+    setup_training(model, device, checkpointing)
     model.train()
     return model
 
@@ -76,13 +63,16 @@ def measure(config: dict, device: torch.device, mode: str, checkpointing: bool, 
     T, h, w = latent_shape
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     model = build(config, device, mode, checkpointing)
+    if device.type == "cuda":  # after the build: the peak of training, not of building
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(1, 16, T, h, w, generator=g).to(device)
     cond = torch.randn(1, 20, T, h, w, generator=g).to(device)
     text = torch.randn(1, 512, config["text_dim"], generator=g).to(device)
-    image = torch.randn(1, 257, config["image_dim"], generator=g).to(device)
+    image = torch.randn(1, 257, config["image_dim"], generator=g).to(device) if config.get("image_dim") else None
+    mem_mode = model._memory_mode
     params = lora_parameters(model)
     opt = train.make_optimizer(params.values(), 1e-4, 0.01)
     step_no = iter(range(10**9))
@@ -97,13 +87,14 @@ def measure(config: dict, device: torch.device, mode: str, checkpointing: bool, 
     sigma = torch.tensor([0.5], device=device)
     noise = torch.randn(x0.shape, generator=g).to(device)
     x_t = (0.5 * noise + 0.5 * x0)
-    inp = torch.cat([x_t, cond], 1).to(model.dtype)
+    dtype = mem_mode.compute_dtype
+    inp = torch.cat([x_t, cond], 1).to(dtype)
 
     def bare():
-        out = model(hidden_states=inp, timestep=sigma * 1000, encoder_hidden_states=text.to(model.dtype),
-                    encoder_hidden_states_image=image.to(model.dtype), return_dict=False)[0]
+        out = model(hidden_states=inp, timestep=sigma * 1000, encoder_hidden_states=text.to(dtype),
+                    encoder_hidden_states_image=None if image is None else image.to(dtype), return_dict=False)[0]
         out.float().square().mean().backward()
-        for p in params.values():
+        for p in params.values():  # the fp32 masters hold the gradients
             p.grad = None
 
     # interleaved, so drifts of the machine (clocks, other load) fall on both alike
@@ -121,7 +112,7 @@ def main() -> None:
     ap.add_argument("--wan14b", action="store_true", help="the real Wan2.1-I2V-14B transformer shape")
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--size", default="128x128")
-    ap.add_argument("--memory", nargs="+", default=None, help="memory modes to measure (fp32 bf16 fp8)")
+    ap.add_argument("--memory", nargs="+", default=None, help="memory modes to measure (fp32 bf16 fp8 bf16-offload fp8-swap20 …)")
     ap.add_argument("--checkpointing", choices=("on", "off", "auto"), default="auto")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -132,14 +123,15 @@ def main() -> None:
     config = WAN21_I2V_14B if a.wan14b else tiny_transformer_config(num_layers=4, num_attention_heads=4, attention_head_dim=32, ffn_dim=256)
     W, H = (int(v) for v in a.size.split("x"))
     T, h, w = method.latent_frames(a.frames), H // 8, W // 8
-    checkpointing = a.checkpointing == "on" or (a.checkpointing == "auto" and device.type == "cuda")
+    checkpointing = {"on": True, "off": False}.get(a.checkpointing, True if device.type == "cuda" else None)
     print(f"device {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'} · transformer "
           f"{'Wan2.1-I2V-14B shape' if a.wan14b else 'small'} · {a.frames} frames {W}x{H} → latents 16x{T}x{h}x{w} "
-          f"({T * h * w // 4} tokens) · gradient checkpointing {'on' if checkpointing else 'off'}")
-    print(f"{'mode':6} {'train step s':>13} {'bare fwd+bwd s':>15} {'ratio':>6} {'peak GB':>8}")
+          f"({T * h * w // 4} tokens) · gradient checkpointing {dict([(True, 'on'), (False, 'off')]).get(checkpointing, 'as the mode says')}")
+    print("ratio: our step / a bare forward+backward of the same mode (the overhead of our loop; target <= 1.10)")
+    print(f"{'mode':14} {'train step s':>13} {'bare fwd+bwd s':>15} {'ratio':>6} {'peak GiB':>9}")
     for mode in modes:
         ours, base, peak = measure(config, device, mode, checkpointing, (T, h, w), a.warmup, a.repeat)
-        print(f"{mode:6} {ours:13.3f} {base:15.3f} {ours / base:6.3f} {peak:8.1f}")
+        print(f"{mode:14} {ours:13.3f} {base:15.3f} {ours / base:6.3f} {peak:9.1f}", flush=True)
     if device.type == "cpu":
         print("(no GPU here: run with --wan14b on a GPU for the real model's s/step and memory)")
 

@@ -537,7 +537,8 @@ def main() -> None:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--row", json.dumps(row),
                    "--result", str(res_path), "--device", device, "--steps", str(a.steps)]
             try:
-                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30.0, left))
+                # a hung row must not eat the others' time: at most 3x its estimate
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30.0, min(left, 3 * est + 30)))
                 res = json.loads(res_path.read_text()) if res_path.is_file() else {
                     "status": "crash", "error": f"exit {proc.returncode}: {(proc.stderr or '')[-400:]}"}
                 if proc.stderr.strip():

@@ -30,7 +30,7 @@ from loraedit.errors import InputError
 
 log = logging.getLogger("loraedit")
 
-OPTIONAL_COMMANDS = ("loraedit.maskcli", "loraedit.demo", "loraedit.batch", "loraedit.evaluate", "loraedit.uicli")
+OPTIONAL_COMMANDS = ("loraedit.maskcli", "loraedit.demo", "loraedit.batch", "loraedit.evaluate", "loraedit.uicli", "loraedit.plan")
 # a full disk or a folder without permission: the user's to fix, reported in one line
 USER_FIXABLE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 # what an interrupted command leaves, and how to go on

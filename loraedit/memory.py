@@ -294,7 +294,8 @@ class BlockRunner:
         self.ready: dict[int, torch.cuda.Event | None] = {}  # swapped blocks now on the device
         self.stack: list = []  # forward contexts of this step, for activation prefetch in backward
         self.anchor = torch.zeros((), device=self.host_device, requires_grad=True)  # makes every block's output require grad
-        self.bytes_moved = 0
+        self.bytes_moved = 0  # frozen weights brought to the device (block swap)
+        self.bytes_stashed = 0  # block inputs sent to the host (activation offload)
         self.training_forward = False
         for i in self.swapped:
             self.blocks[i].register_forward_pre_hook(self._pre_hook)
@@ -365,6 +366,7 @@ class BlockRunner:
             return t
         with on_host():
             host = torch.empty(t.shape, dtype=t.dtype, device=self.host_device, pin_memory=self.cuda)
+        self.bytes_stashed += t.numel() * t.element_size()
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with self._copy_ctx():

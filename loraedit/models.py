@@ -117,6 +117,24 @@ def load_vae(model: str, device: torch.device):
     return AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).to(device).eval()
 
 
+# peak of an untiled Wan VAE decode at 832x480 (fp32; the issue's simulation, to be replaced by the GPU
+# check's figure); it scales with the pixels of a frame (the VAE runs causally, a few frames at a time)
+VAE_UNTILED_GIB_832x480 = 8.2
+
+
+def tile_if_needed(vae, width: int, height: int, device: torch.device) -> bool:
+    """Tile the VAE (diffusers' enable_tiling) when its untiled peak would not fit in free GPU memory."""
+    if device.type != "cuda":
+        return False
+    need = VAE_UNTILED_GIB_832x480 * width * height / (832 * 480) * (2 if vae.config.z_dim > 16 else 1)
+    free = torch.cuda.mem_get_info(device)[0] / 2**30
+    if need > free - 1.0:
+        vae.enable_tiling()
+        return True
+    vae.disable_tiling()
+    return False
+
+
 def load_scheduler(model: str, shift: float):
     """The model's own scheduler class and config, with the flow shift set to `shift`."""
     from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler

@@ -232,11 +232,13 @@ def simulate(config: dict, mode_name: str, latent: tuple[int, int, int], image_t
                 if count_flops:
                     with flops:
                         sample_step()
+        steps = (2 if kind == "train" else 1) + count_flops  # steps run, per-step figures below
         runner = getattr(model, "_block_runner", None)
         moved = runner.bytes_moved if runner is not None else 0
+        stashed = runner.bytes_stashed if runner is not None else 0
         out = {"mode": mode.name, "kind": kind, "tokens": tokens, "weights_gib": weights / GiB, "peak_gib": peak["device"] / GiB,
                "host_gib": peak["host"] / GiB, "tflop": flops.get_total_flops() / 1e12,
-               "moved_gib": moved / GiB / (2 + count_flops)}
+               "moved_gib": moved / GiB / steps, "offloaded_gib": stashed / GiB / steps}
     return out
 
 
@@ -253,7 +255,7 @@ def predict(config: dict, mode_name: str, latent: tuple[int, int, int], kind: st
 
     mode = mem.parse_mode(mode_name)
     n = config["num_layers"]
-    keys = ("weights_gib", "peak_gib", "host_gib", "tflop", "moved_gib")
+    keys = ("weights_gib", "peak_gib", "host_gib", "tflop", "moved_gib", "offloaded_gib")
 
     def sim(layers: int, swap: int) -> dict:
         m = mode.name if not mode.swap else f"{mode.weights}-swap{swap}"
@@ -300,3 +302,161 @@ def choose(config: dict, latent: tuple[int, int, int], budget_gib: float, rank: 
         modes[name] = predict(config, name, latent, rank=rank, count_flops=False)
         return {"chosen": name, "modes": modes}
     return {"chosen": None, "modes": modes}
+
+
+# ---------------------------------------------------------------- the plan: every mode for a model, size and card
+
+# dense bf16 TFLOPS of common cards, and the share of it a checkpointed Wan step reaches (assumed
+# until measured on the card: gpu_check's MFU row replaces it)
+GPU_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0, "A6000": 155.0, "5090": 209.0}
+ASSUMED_MFU = 0.45
+HOST_LINK_GBS = 20.0  # practical pinned host↔device copy rate (PCIe 4.0 x16 ≈ 25 GB/s peak)
+MARGIN_GIB = 1.5  # CUDA context, cuBLAS/attention workspaces and allocator slack beyond live tensors
+
+
+@dataclass
+class Spec:
+    """What a plan is for: a transformer config and the latent size of the clip."""
+
+    name: str
+    config: dict
+    latent: tuple[int, int, int]
+    frames: int
+    size: tuple[int, int]
+    experts: int = 1
+
+
+def spec_for(model: str, size: str | None, frames: int | None) -> Spec:
+    """A model folder (config files are enough, no weights) or a known name → Spec."""
+    import json
+    from pathlib import Path
+
+    from loraedit.errors import InputError
+
+    key = model.lower().removesuffix("-diffusers").split("/")[-1]
+    if key in KNOWN_MODELS:
+        config, spatial, default_frames, default_size = KNOWN_MODELS[key]
+        experts = 2 if key == "wan2.2-i2v-a14b" else 1
+        name = key
+    else:
+        from loraedit.family import detect
+
+        p = Path(model)
+        if not p.is_dir():
+            raise InputError(f"--model {model}: no such folder; give a Wan model folder (its config files are enough) or one of "
+                             f"{', '.join(KNOWN_MODELS)}")
+        fam = detect(p)
+        cfg_path = p / fam.experts[0] / "config.json"
+        if not cfg_path.is_file():
+            raise InputError(f"{cfg_path}: missing; the plan needs the transformer's config.json (weights are not needed)")
+        config = json.loads(cfg_path.read_text())
+        spatial, default_size, experts, name = fam.spatial, fam.default_size, len(fam.experts), f"{fam.name} ({p.name})"
+        default_frames = 121 if fam.expand_timesteps else 49
+    if size:
+        try:
+            W, H = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise InputError(f"--size {size}: give WIDTHxHEIGHT, e.g. 832x480") from None
+    else:
+        W, H = default_size
+    unit = spatial * config["patch_size"][1]
+    if W % unit or H % unit or W <= 0 or H <= 0:
+        raise InputError(f"--size {W}x{H}: width and height must be positive multiples of {unit} for this model")
+    frames = frames or default_frames
+    if frames < 1 or (frames - 1) % 4:
+        raise InputError(f"--frames {frames}: must be 4k+1 (e.g. 49)")
+    return Spec(name, config, ((frames - 1) // 4 + 1, H // spatial, W // spatial), frames, (W, H), experts)
+
+
+def plan(spec: Spec, gpu_gib: float | None, gpu_name: str | None = None, rank: int = 16) -> dict:
+    """Every memory mode's predicted training and render peak, host RAM and step time; what fits.
+
+    gpu_gib: the card's free memory (None: list the modes without choosing).
+    """
+    budget = None if gpu_gib is None else gpu_gib - MARGIN_GIB
+    n = spec.config["num_layers"]
+    names = list(SPEED_ORDER)
+    swap_name = f"bf16-swap{n}"
+    if budget is not None:
+        chosen = choose(spec.config, spec.latent, budget, rank=rank)
+        if chosen["chosen"] and "swap" in chosen["chosen"]:
+            swap_name = chosen["chosen"]
+    names.append(swap_name)
+    tflops = next((v for k, v in GPU_TFLOPS.items() if gpu_name and k in gpu_name), GPU_TFLOPS["H100"])
+    modes = []
+    flop = None
+    for name in names:
+        train = predict(spec.config, name, spec.latent, rank=rank, count_flops=flop is None)
+        flop = train["tflop"] if flop is None else flop
+        render = predict(spec.config, name, spec.latent, kind="render", rank=rank, count_flops=False)
+        compute_s = flop / (tflops * ASSUMED_MFU)
+        # offload moves each block input out and back; swap moves the weights in forward and backward;
+        # both on a side stream, overlapped with compute
+        m = parse_mode(name)
+        link_s = (train["moved_gib"] + 2 * train["offloaded_gib"]) * 2**30 / (HOST_LINK_GBS * 1e9)
+        step_s = max(compute_s, link_s) * (1.04 if m.weights == "fp8" else 1.0)  # fp8: casts per layer
+        host = train["host_gib"]
+        modes.append({
+            "name": name, "train_peak_gib": round(train["peak_gib"], 2), "render_peak_gib": round(render["peak_gib"], 2),
+            "weights_gib": round(train["weights_gib"], 2), "host_ram_gib": round(host + HOST_BASE_GIB, 2),
+            "step_s": round(step_s, 2), "tflop_per_step": round(flop, 1),
+            "fits": None if budget is None else bool(train["peak_gib"] <= budget and render["peak_gib"] <= budget),
+        })
+    fitting = [m for m in modes if m["fits"]]
+    return {"model": spec.name, "frames": spec.frames, "size": f"{spec.size[0]}x{spec.size[1]}", "tokens": train["tokens"],
+            "latent": list(spec.latent), "experts": spec.experts, "gpu_memory_gib": gpu_gib, "gpu": gpu_name or "H100 (assumed for step time)",
+            "margin_gib": MARGIN_GIB, "modes": modes, "chosen": fitting[0]["name"] if fitting else None}
+
+
+HOST_BASE_GIB = 4.0  # the process itself: Python, torch, CUDA libraries, the encoded cache
+
+
+def format_plan(p: dict) -> str:
+    lines = [f"{p['model']} · {p['frames']} frames {p['size']} ({p['tokens']} tokens) · "
+             + (f"GPU {p['gpu_memory_gib']:.1f} GiB free (margin {p['margin_gib']} GiB)" if p["gpu_memory_gib"] else "no GPU memory given")
+             + (f" · two experts, one on the GPU at a time" if p["experts"] == 2 else ""),
+             f"{'mode':14} {'train peak':>10} {'render peak':>11} {'host RAM':>9} {'s/step*':>8}  fits",
+             ]
+    for m in p["modes"]:
+        fits = "-" if m["fits"] is None else ("yes" if m["fits"] else "no")
+        lines.append(f"{m['name']:14} {m['train_peak_gib']:8.1f} G {m['render_peak_gib']:9.1f} G {m['host_ram_gib']:7.1f} G {m['step_s']:8.1f}  {fits}")
+    lines.append(f"* estimated on {p['gpu']} at {ASSUMED_MFU:.0%} of its bf16 peak; peaks are live tensors "
+                 f"(torch.cuda.max_memory_allocated), predicted from one simulated step")
+    if p["gpu_memory_gib"]:
+        lines.append(f"chosen by --memory auto: {p['chosen'] or 'none fits: use a smaller --size or fewer --frames'}")
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    help = "predict the GPU memory and step time of every memory mode, and which fit your card (no GPU or weights needed)"
+    p = subparsers.add_parser("plan", help=help, description=help)
+    p.add_argument("--model", required=True, help=f"model folder (its config files are enough) or one of: {', '.join(KNOWN_MODELS)}")
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
+    p.add_argument("--frames", type=int, default=None, help="frames, 4k+1 (default: the model's, 49 for Wan2.1/A14B)")
+    p.add_argument("--gpu-memory", dest="gpu_memory", type=float, default=None,
+                   help="GiB of GPU memory to plan for (default: this machine's GPU's free memory, if it has one)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_plan)
+
+
+def run_plan(args) -> int:
+    import json
+
+    from loraedit.errors import InputError
+
+    spec = spec_for(args.model, args.size, args.frames)
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        raise InputError(f"--gpu-memory {args.gpu_memory}: give the card's memory in GiB, e.g. 24")
+    if args.rank < 1:
+        raise InputError(f"--rank {args.rank}: must be at least 1")
+    gpu_gib, gpu_name = args.gpu_memory, None
+    import torch
+
+    if torch.cuda.is_available():
+        gpu_name = torch.cuda.get_device_name(0)
+        if gpu_gib is None:
+            gpu_gib = torch.cuda.mem_get_info()[0] / 2**30
+    result = plan(spec, gpu_gib, gpu_name, rank=args.rank)
+    print(json.dumps(result) if args.json else format_plan(result))
+    return 0

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from loraedit import family, method
-from loraedit.models import (load_scheduler, load_trained_lora, load_transformer, load_vae, lora_folders, memory_mode, model_family,
+from loraedit.models import (tile_if_needed, load_scheduler, load_trained_lora, load_transformer, load_vae, lora_folders, memory_mode, model_family,
                              peak_memory_gb, release_memory)
 from loraedit.files import write_json
 from loraedit.settings import RenderSettings
@@ -30,6 +30,8 @@ log = logging.getLogger("loraedit")
 def decode(vae, latents: torch.Tensor) -> np.ndarray:
     """Normalised latents (1, C, T, h, w) → (F, H, W, 3) uint8 (diffusers' postprocessing arithmetic)."""
     device = next(vae.parameters()).device
+    spatial = getattr(vae.config, "scale_factor_spatial", None) or 8
+    tile_if_needed(vae, latents.shape[-1] * spatial, latents.shape[-2] * spatial, device)  # tiles only where memory is short
     z = method.denormalize_latents(latents.to(device, vae.dtype), torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std))
     video = vae.decode(z, return_dict=False)[0]  # (1, 3, F, H, W) in [-1, 1]
     video = (video / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 3, 0).float().cpu().numpy()
