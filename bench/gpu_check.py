@@ -538,7 +538,7 @@ def main() -> None:
                    "--result", str(res_path), "--device", device, "--steps", str(a.steps)]
             try:
                 # a hung row must not eat the others' time: at most 3x its estimate
-                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30.0, min(left, 3 * est + 30)))
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=left if a.tiny else max(30.0, min(left, 3 * est + 30)))
                 res = json.loads(res_path.read_text()) if res_path.is_file() else {
                     "status": "crash", "error": f"exit {proc.returncode}: {(proc.stderr or '')[-400:]}"}
                 if proc.stderr.strip():

@@ -311,7 +311,13 @@ def choose(config: dict, latent: tuple[int, int, int], budget_gib: float, rank: 
 GPU_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0, "A6000": 155.0, "5090": 209.0}
 ASSUMED_MFU = 0.45
 HOST_LINK_GBS = 20.0  # practical pinned host↔device copy rate (PCIe 4.0 x16 ≈ 25 GB/s peak)
-MARGIN_GIB = 1.5  # CUDA context, cuBLAS/attention workspaces and allocator slack beyond live tensors
+# beyond the live tensors predicted: CUDA context, cuBLAS/attention workspaces (1 GiB) and the caching
+# allocator's fragmentation (5%)
+MARGIN_GIB, MARGIN_SHARE = 1.0, 0.05
+
+
+def budget_for(gpu_gib: float) -> float:
+    return gpu_gib * (1 - MARGIN_SHARE) - MARGIN_GIB
 
 
 @dataclass
@@ -373,7 +379,7 @@ def plan(spec: Spec, gpu_gib: float | None, gpu_name: str | None = None, rank: i
 
     gpu_gib: the card's free memory (None: list the modes without choosing).
     """
-    budget = None if gpu_gib is None else gpu_gib - MARGIN_GIB
+    budget = None if gpu_gib is None else budget_for(gpu_gib)
     n = spec.config["num_layers"]
     names = list(SPEED_ORDER)
     swap_name = f"bf16-swap{n}"
@@ -405,7 +411,7 @@ def plan(spec: Spec, gpu_gib: float | None, gpu_name: str | None = None, rank: i
     fitting = [m for m in modes if m["fits"]]
     return {"model": spec.name, "frames": spec.frames, "size": f"{spec.size[0]}x{spec.size[1]}", "tokens": train["tokens"],
             "latent": list(spec.latent), "experts": spec.experts, "gpu_memory_gib": gpu_gib, "gpu": gpu_name or "H100 (assumed for step time)",
-            "margin_gib": MARGIN_GIB, "modes": modes, "chosen": fitting[0]["name"] if fitting else None}
+            "budget_gib": None if budget is None else round(budget, 2), "modes": modes, "chosen": fitting[0]["name"] if fitting else None}
 
 
 HOST_BASE_GIB = 4.0  # the process itself: Python, torch, CUDA libraries, the encoded cache
@@ -413,7 +419,7 @@ HOST_BASE_GIB = 4.0  # the process itself: Python, torch, CUDA libraries, the en
 
 def format_plan(p: dict) -> str:
     lines = [f"{p['model']} · {p['frames']} frames {p['size']} ({p['tokens']} tokens) · "
-             + (f"GPU {p['gpu_memory_gib']:.1f} GiB free (margin {p['margin_gib']} GiB)" if p["gpu_memory_gib"] else "no GPU memory given")
+             + (f"GPU {p['gpu_memory_gib']:.1f} GiB free → {p['budget_gib']:.1f} GiB for tensors" if p["gpu_memory_gib"] else "no GPU memory given")
              + (f" · two experts, one on the GPU at a time" if p["experts"] == 2 else ""),
              f"{'mode':14} {'train peak':>10} {'render peak':>11} {'host RAM':>9} {'s/step*':>8}  fits",
              ]
