@@ -475,3 +475,28 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tiny_model, clip, tmp_path
     (run / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "command": "edit"}))
     assert main(argv) == 0
     assert not (run / ".lock").exists()
+
+
+# ---------------------------------------------------------------- memory modes: train in one, render in another
+
+
+def test_fp8_trains_and_renders_end_to_end_and_renders_again_in_bf16(tiny_model, clip, tmp_path, capsys):
+    """The 24 GB user's path: fp8 storage, bf16 compute, gradient checkpointing; then the same run in bf16."""
+    from loraedit.video import read_image
+
+    run = tmp_path / "run"
+    argv = edit_argv(tiny_model, clip, run, "--steps", "2", "--render-steps", "2", "--lr", "5e-3", "--memory", "fp8",
+                     "--gradient-checkpointing", "on")
+    assert main(argv) == 0, capsys.readouterr().err
+    lora = (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["stages"]["train"]["memory_mode"] == "fp8" and m["stages"]["render"]["settings"]["memory"] == "fp8"
+    # the same run rendered in bf16: not refused, the LoRA reused, a new render beside the fp8 one
+    argv[argv.index("--memory") + 1] = "bf16"
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == lora
+    assert sorted(p.name for p in run.glob("render*")) == ["render", "render-2"]
+    fp8 = np.stack([read_image(p) for p in sorted((run / "render" / "frames").glob("*.png"))]).astype(float)
+    bf16 = np.stack([read_image(p) for p in sorted((run / "render-2" / "frames").glob("*.png"))]).astype(float)
+    assert fp8.std() > 5  # a picture, not a black (NaN) video
+    assert np.abs(fp8 - bf16).mean() < 8, np.abs(fp8 - bf16).mean()  # close to the bf16 render (0-255 scale)
