@@ -182,7 +182,7 @@ def run_train(row, device, steps: int, warmup: int) -> dict:
     mode_name = row["mode"]
     if row.get("cap_gib") and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, row["cap_gib"] * GiB / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, row["cap_gib"] * GiB / total), 0)
     out = {"mode": mode_name, "frames": frames, "size": f"{size[0]}x{size[1]}"}
     _reset(device)
     t = time.perf_counter()
