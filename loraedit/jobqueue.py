@@ -34,6 +34,7 @@ log = logging.getLogger("loraedit")
 
 JOBS_SUBDIR = Path("ui") / "jobs"
 FINISHED = ("done", "failed", "stopped", "interrupted")
+STOP_GRACE = 60.0  # seconds a stopped job has to finish its Ctrl-C before it is terminated
 
 
 @dataclass
@@ -137,7 +138,12 @@ class JobQueue:
             if current.state == "running" and self._running is not None and self._running.id == current.id \
                     and self._running.run_dir == current.run_dir and self._proc is not None:
                 self._stop_requested.add(current.record.as_posix())
-                self._proc.send_signal(signal.SIGINT)
+                proc = self._proc
+                proc.send_signal(signal.SIGINT)
+                # a job that does not stop at Ctrl-C within a while (stuck in a library) is terminated
+                timer = threading.Timer(STOP_GRACE, lambda: proc.poll() is None and proc.terminate())
+                timer.daemon = True
+                timer.start()
 
     def requeue(self, job: Job) -> Job:
         """Queue a finished job's command again: the CLI resumes where the run stopped."""

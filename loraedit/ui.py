@@ -537,7 +537,7 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
             ref_steps = gr.Number(100, label="reference steps (stage 2)", precision=0, elem_id="ref-steps")
             render_steps = gr.Number(30, label="render steps", precision=0, elem_id="render-steps")
             seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
-            memory = gr.Dropdown(memory_choices, value="auto", label="memory mode", elem_id="memory")
+            memory = gr.Dropdown(memory_choices, value="auto", allow_custom_value=True, label="memory mode", elem_id="memory")
             device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", allow_custom_value=True, label="device", elem_id="device")
         steps_err = gr.HTML(visible=False, elem_id="steps-error")
         with gr.Accordion("more settings", open=False):
@@ -575,11 +575,11 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
         with gr.Row():
             result_video = gr.Video(label="source | edited", interactive=False, elem_id="result-video", height=300)
             result_sheet = gr.Image(label="contact sheet (source above, edited below)", interactive=False, elem_id="result-sheet", height=300)
-        with gr.Accordion("render again without retraining", open=False):
+        with gr.Accordion("render again without retraining", open=False, elem_id="rerender"):
             with gr.Row():
                 rr_seed = gr.Number(1, label="seed", precision=0, elem_id="rerender-seed")
-                rr_steps = gr.Number(None, label="render steps (empty: as before)", precision=0, elem_id="rerender-steps")
-                rr_guidance = gr.Number(None, label="guidance (empty: as before)", elem_id="rerender-guidance")
+                rr_steps = gr.Textbox("", label="render steps (empty: as before)", elem_id="rerender-steps")
+                rr_guidance = gr.Textbox("", label="guidance (empty: as before)", elem_id="rerender-guidance")
                 rr_first = gr.Image(label="another edited first frame (optional)", type="filepath", sources=["upload"], height=140, elem_id="rerender-first")
             rr_btn = gr.Button("render again", elem_id="rerender-button")
             rr_err = gr.HTML(visible=False, elem_id="rerender-error")
@@ -904,16 +904,19 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
             if not (Path(run) / "lora" / "pytorch_lora_weights.safetensors").is_file():
                 return error_html(f"{Path(run).name}: has no trained LoRA yet; wait for training to finish")
             argv = ["render", "--out", run, "--seed", str(int(seed_v or 0))]
-            if steps_v:
-                argv += ["--render-steps", str(int(steps_v))]
-            if guidance_v is not None:
-                argv += ["--guidance", f"{float(guidance_v):g}"]
+            if steps_v and steps_v.strip():
+                argv += ["--render-steps", steps_v.strip()]
+            if guidance_v and guidance_v.strip():
+                argv += ["--guidance", guidance_v.strip()]
             if first_v:
                 try:
                     read_image(first_v)
                 except InputError as exc:
                     return error_html(short_paths(str(exc), [Path(first_v).parent]))
                 argv += ["--first-frame", copy_input(first_v, Path(run) / "ui" / "inputs")]
+            error = check_settings(argv)  # read as the CLI reads them, before the job is queued
+            if error:
+                return error_html(short_paths(error, [Path(run) / "ui" / "inputs"]))
             queue.submit(run, argv)
             return error_html(None)
 
@@ -939,8 +942,14 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
 
 def serve(host: str, port: int, runs: Path, model: str | None = None, share: bool = False, block: bool = True):
     """Start the job queue and the page; prints the address. Returns (page, queue) when block=False."""
+    import signal
+
     runs = Path(runs)
     runs.mkdir(parents=True, exist_ok=True)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # started in the background by a shell (SIGINT ignored): take Ctrl-C / SIGINT back, for this process and,
+        # since a handler is reset by exec, for the jobs it starts — "stop" interrupts a job with SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     queue = JobQueue(runs).start()
     page = build(runs, queue, model)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])

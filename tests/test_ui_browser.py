@@ -125,6 +125,7 @@ class Page:
     def fill(self, elem_id: str, value):
         box = self.d.find_element(By.CSS_SELECTOR, f"#{elem_id} input, #{elem_id} textarea")
         box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE)
         box.send_keys(str(value))
         box.send_keys(Keys.TAB)
 
