@@ -271,7 +271,7 @@ BAD_VALUES = [  # (flags added to a good `edit`, or a special case, and what the
     (["--steps", "two"], "--steps two: must be a whole number"),
     (["--render-steps", "0"], "--render-steps 0: must be at least 1"),
     (["--checkpoint-every", "0"], "--checkpoint-every 0: must be at least 1"),
-    (["--memory", "fp16"], "--memory fp16: choose one of auto, fp32, bf16, fp8"),
+    (["--memory", "fp16"], "--memory fp16: unknown memory mode"),
     (["--ref", "abc"], "write it as FRAME=PATH"),
     (["--ref", "4="], "4=: the path is missing"),
     (["--ref", "x=a.png"], "the frame must be a whole number"),

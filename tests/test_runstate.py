@@ -48,6 +48,8 @@ def _changed_value(f: dataclasses.Field):
         return next(c for c in choices if c != default)
     if default is None and f.metadata["parse"] is text:
         return "blurry"
+    if f.name == "memory":
+        return "bf16"
     if f.name == "lora_targets":
         return r".*blocks\.\d+\.attn1\.to_q"
     if isinstance(default, bool):
