@@ -547,8 +547,10 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
                 guidance = gr.Number(5.0, label="guidance (1 = off)", elem_id="guidance")
             negative = gr.Textbox("", label="negative prompt (empty: Wan's)", elem_id="negative")
             extra = gr.Textbox("", label="more `loraedit edit` flags, e.g. --composite --shift 3", elem_id="extra")
+        with gr.Row(visible=has_plan):
+            gpu_memory = gr.Textbox("", label="GPU memory in GiB to plan for (empty: this machine's GPU)", elem_id="gpu-memory", scale=2)
+            plan_btn = gr.Button("predict memory and step time (loraedit plan)", elem_id="plan-button", scale=1)
         memory_info = gr.Markdown("", elem_id="memory-info")
-        plan_btn = gr.Button("predict memory for this GPU", visible=has_plan, elem_id="plan-button")
         with gr.Row():
             name = gr.Textbox("", label="run name (empty: VIDEO-DATE-TIME)", elem_id="run-name", scale=2)
             start_btn = gr.Button("start the edit", variant="primary", elem_id="start-button", scale=1)
@@ -769,19 +771,22 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
 
         toy_btn.click(on_toy, None, [model_box, model_err, guidance, render_steps, lr]).then(on_video, video_inputs, video_outputs)
 
-        def on_plan(model_v, frames_v, size_v, memory_v, device_v):  # `loraedit plan`, where the CLI has it
+        def on_plan(model_v, frames_v, size_v, rank_v, gpu_v):
+            """`loraedit plan` (the memory model) for the page's model, frames and size, shown as it prints."""
+            if not model_v or not model_v.strip():
+                return "⚠ --model: choose the model folder first (its config files are enough)"
             accepted = flags_of("plan")
-            argv = ["plan"]
-            for flag, value in (("--model", model_v), ("--frames", frames_v), ("--size", size_v), ("--memory", memory_v),
-                                ("--device", device_v)):
-                if flag in accepted and value not in (None, ""):
-                    argv += [flag, str(int(value) if isinstance(value, float) else value)]
+            argv = ["plan", "--model", model_v.strip()]
+            for flag, value in (("--frames", frames_v), ("--size", size_v), ("--rank", rank_v), ("--gpu-memory", gpu_v)):
+                value = str(int(value) if isinstance(value, float) and value.is_integer() else value or "").strip()
+                if flag in accepted and value and value != "auto":
+                    argv += [flag, value]
             result = call_cli(argv)
             if result.error:
                 return f"⚠ {result.error}"
             return f"```\n{result.stdout.strip()}\n```"
 
-        plan_btn.click(on_plan, [model_box, frames, size, memory, device], [memory_info])
+        plan_btn.click(on_plan, [model_box, frames, size, rank, gpu_memory], [memory_info])
 
         # the fields a Start error can be next to: by the file it names, else the flag it names
         start_fields = ["video", "frames", "first", "ref", "boxes", "mask", "model", "steps", "start"]
