@@ -458,6 +458,17 @@ def _metric_cells(m: dict) -> str:
     return "<br>".join(f"{html.escape(label)}: <b>{v:.{d}f}</b>" for label, v, d in items)
 
 
+def _shown(value) -> str:
+    """A variant's value as a person reads it: file names, not whole paths."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown(v) for v in value) + "]" if value else "none"
+    text = str(value)
+    key, sep, rest = text.partition("=")
+    if sep and "/" in rest:
+        return f"{key}={Path(rest).name}"
+    return Path(text).name if "/" in text else text
+
+
 def index_html(root: Path, rows: list[dict], counts: dict) -> str:
     """One page a person opens from disk: a row per job, its video playing inline."""
     def esc(x):
@@ -472,12 +483,13 @@ def index_html(root: Path, rows: list[dict], counts: dict) -> str:
         links = [f"<a href='{run}/'>run folder</a>"] if (root / r["run"]).is_dir() else []
         if (root / ".jobs" / f"{r['run']}.log").is_file():
             links.append(f"<a href='.jobs/{run}.log'>log</a>")
-        cells = [f"<td><b>{esc(r['name'])}</b><div class=small>{esc(', '.join(f'{k}={v}' for k, v in r['variant'].items()))}</div>"
+        variant = ", ".join(f"{k}={_shown(v)}" for k, v in r["variant"].items())
+        cells = [f"<td><b>{esc(r['name'])}</b><div class=small>{esc(variant)}</div>"
                  f"<div class=small>{' · '.join(links)}</div></td>",
                  f"<td class='{status}'>{esc(status)}" + (f" (attempt {r['attempt']})" if r.get("attempt", 1) > 1 else "")
                  + (f"<div class=err>{esc(r['error'])}</div>" if r.get("error") else "") + "</td>",
-                 f"<td>{_duration(r['seconds']) if 'seconds' in r else ''}</td>",
-                 f"<td>{'%.1f GB' % r['peak_memory_gb'] if isinstance(r.get('peak_memory_gb'), (int, float)) else ''}</td>"]
+                 f"<td class=nowrap>{_duration(r['seconds']) if 'seconds' in r else ''}</td>",
+                 f"<td class=nowrap>{'%.1f GB' % r['peak_memory_gb'] if isinstance(r.get('peak_memory_gb'), (int, float)) else ''}</td>"]
         if (render / "side_by_side.mp4").is_file():
             cells.append(f"<td><video src='{run}/{quote(render_name)}/side_by_side.mp4' controls autoplay loop muted playsinline "
                          "preload='metadata'></video></td>")
@@ -490,7 +502,7 @@ def index_html(root: Path, rows: list[dict], counts: dict) -> str:
         metrics = _metric_cells(r.get("metrics") or {})
         if r.get("metrics_error"):
             metrics += f"<div class=err>{esc(r['metrics_error'])}</div>"
-        cells.append(f"<td class=small>{metrics}</td>")
+        cells.append(f"<td class='small nowrap'>{metrics}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     return f"""<!doctype html>
@@ -500,11 +512,11 @@ body {{ font-family: system-ui, sans-serif; margin: 1.5em; }}
 table {{ border-collapse: collapse; }}
 td, th {{ border-bottom: 1px solid #ddd; padding: 6px 10px; vertical-align: top; text-align: left; }}
 video {{ width: 420px; }} img {{ width: 320px; }}
-.small {{ font-size: 85%; color: #444; }} .err {{ color: #b00; max-width: 28em; }}
+.small {{ font-size: 85%; color: #444; }} .err {{ color: #b00; max-width: 28em; }} .nowrap {{ white-space: nowrap; }}
 .done {{ color: #070; }} .failed {{ color: #b00; }} .running {{ color: #a60; }}
 </style></head><body>
 <h1>loraedit batch: {esc(root.name)}</h1>
-<p>{esc(summary)} &middot; each video: source | edited</p>
+<p>{esc(summary)} &middot; updated {time.strftime("%Y-%m-%d %H:%M:%S")} &middot; each video: source | edited</p>
 <table><tr><th>job</th><th>status</th><th>time</th><th>peak memory</th><th>side by side</th><th>contact sheet</th><th>metrics</th></tr>
 {chr(10).join(body)}
 </table></body></html>
