@@ -30,8 +30,7 @@ from loraedit.errors import InputError
 from loraedit.files import read_json, write_json
 from loraedit.settings import PrepareSettings, add_arguments
 from loraedit.video import (MODEL_FPS, PIXEL_BUDGET_480P, FrameChoice, Start, VideoInfo, aspect_size, choose_frames, crop_fraction, crop_window,
-                            default_size, fit_edited, fit_to_size, parse_size, parse_start, probe_video, read_image,
-                            read_video_frames, write_png)
+                            default_size, fit_edited, fit_to_size, parse_size, parse_start, probe_video, read_image, write_png)
 
 log = logging.getLogger("loraedit")
 
@@ -287,9 +286,9 @@ def run(args: PrepareSettings, run_dir: Path) -> dict:
     if footage.frames is None:
         log.info("--frames auto: %d frames (%.2f s at %g fps) from %.2f s", len(indices), len(indices) / choice.fps, choice.fps, choice.start_time)
     refs = check_refs(args.ref, len(indices))
-    cuts = shots.check_no_cuts(args.video, info, indices, choice.fps, footage.allow_cuts)
+    raw, cuts = shots.read_frames_and_cuts(args.video, indices, info)
+    shots.check_no_cuts(args.video, info, indices, choice.fps, footage.allow_cuts, cuts)
     opts = args.mask_options()
-    raw = read_video_frames(args.video, indices)
     edited = read_image(args.first_frame)
     crop = warn_about_crop(info, (width, height), footage.size is not None, raw[0], _at_source_size(edited, info), args.first_frame)
     frames = np.stack([fit_to_size(f, width, height) for f in raw])

@@ -103,24 +103,42 @@ def find_cuts(scores: np.ndarray, min_content: float = MIN_CONTENT, ratio: float
 # ------------------------------------------------------------------ on a video
 
 
-def detect_cuts(path: str | Path, first: int, last: int, info: VideoInfo | None = None) -> list[Cut]:
-    """The scene cuts between source frames first..last (a cut at frame j: j-1 and j differ in shot)."""
-    info = info or probe_video(path)
+def _scan(path: str | Path, first: int, last: int, info: VideoInfo, keep: set[int] | None = None,
+          ) -> tuple[list[Cut], dict[int, np.ndarray]]:
+    """One decode of source frames first..last (and WINDOW either side, for the ratio): the cuts
+    between them, and the frames in `keep` at full size."""
     t = source_times(info)
-    lo, hi = max(0, first - WINDOW), min(info.n_frames - 1, last + WINDOW)  # context for the ratio
-    index, scores, prev = [], [], None
-    for i, frame in iter_video_frames(path, lo, hi, max_width=SCORE_WIDTH * 2):
+    lo, hi = max(0, first - WINDOW), min(info.n_frames - 1, last + WINDOW)
+    index, scores, prev, kept = [], [], None, {}
+    for i, frame in iter_video_frames(path, lo, hi, max_width=None if keep else SCORE_WIDTH * 2):
+        if keep and i in keep:
+            kept[i] = frame
+        if frame.shape[1] > SCORE_WIDTH * 2:  # as iter_video_frames shrinks it without `keep`: the same score either way
+            frame = cv2.resize(frame, (SCORE_WIDTH * 2, max(1, round(frame.shape[0] * SCORE_WIDTH * 2 / frame.shape[1]))),
+                               interpolation=cv2.INTER_AREA)
         hsv = hsv_small(frame)
         scores.append(0.0 if prev is None or prev.shape != hsv.shape else content_score(prev, hsv))
         index.append(i)
         prev = hsv
     scores = np.asarray(scores)
-    cuts = []
-    for k, r in find_cuts(scores):
-        j = index[k]
-        if first < j <= last:
-            cuts.append(Cut(j, float(t[j]), float(scores[k]), float(r)))
-    return cuts
+    cuts = [Cut(index[k], float(t[index[k]]), float(scores[k]), float(r)) for k, r in find_cuts(scores) if first < index[k] <= last]
+    return cuts, kept
+
+
+def detect_cuts(path: str | Path, first: int, last: int, info: VideoInfo | None = None) -> list[Cut]:
+    """The scene cuts between source frames first..last (a cut at frame j: j-1 and j differ in shot)."""
+    return _scan(path, first, last, info or probe_video(path))[0]
+
+
+def read_frames_and_cuts(path: str | Path, indices: list[int], info: VideoInfo) -> tuple[np.ndarray, list[Cut]]:
+    """The selected frames (F, H, W, 3) and the cuts between the first and the last of them, in one
+    decode of the span (what prepare needs; a second decode would double its reading time)."""
+    cuts, kept = _scan(path, indices[0], indices[-1], info, keep=set(indices))
+    missing = [i for i in indices if i not in kept]
+    if missing:
+        raise InputError(f"{path}: frame {missing[0]} could not be decoded (the file has {len(kept) and max(kept) + 1} readable frames); "
+                         "ask for fewer frames or re-encode it")
+    return np.stack([kept[i] for i in indices]), cuts
 
 
 def shots_between(cuts: list[Cut], first: int, last: int, info: VideoInfo) -> list[Shot]:
@@ -154,9 +172,12 @@ def inside_one_shot(shots: list[Shot], frames: int, rate: float) -> tuple[str, i
     return f"{best.start:.2f}s", min(frames, largest_valid_frames(fit))
 
 
-def check_no_cuts(path: str | Path, info: VideoInfo, indices: list[int], rate: float, allow_cuts: bool = False) -> list[Cut]:
-    """Refuse (InputError, one line) frames that span a scene cut, unless allow_cuts; returns the cuts."""
-    cuts = detect_cuts(path, indices[0], indices[-1], info)
+def check_no_cuts(path: str | Path, info: VideoInfo, indices: list[int], rate: float, allow_cuts: bool = False,
+                  cuts: list[Cut] | None = None) -> list[Cut]:
+    """Refuse (InputError, one line) frames that span a scene cut, unless allow_cuts; returns the
+    cuts (`cuts`: already found, e.g. by read_frames_and_cuts)."""
+    if cuts is None:
+        cuts = detect_cuts(path, indices[0], indices[-1], info)
     if not cuts:
         return cuts
     times = ", ".join(f"{c.time:.2f} s (frame {c.frame})" for c in cuts)
