@@ -375,6 +375,11 @@ def render(run_dir: str | Path, s: RenderSettings, name: str | None = None, prog
         s = s.replace(model=_check_model(s.model))
         device = resolve_device(s.device)
         prepared, hashes, es, record = _render_plan(run_dir, s)
+        if name is None:  # a render with exactly these inputs is reused, as `edit` does, not made again
+            for done in sorted(run_dir.glob("*/settings.json")):
+                if read_json(done) == record:
+                    log.info("already rendered with these settings: %s", done.parent / "edited.mp4")
+                    return done.parent
         out_dir = stage.output_dir(run_dir, name)
         if (out_dir / "settings.json").is_file():
             if read_json(out_dir / "settings.json") == record:

@@ -94,6 +94,8 @@ def test_render_again_with_another_seed_keeps_the_first_result(trained_run, tiny
     assert (trained_run / "train" / "done.json").read_text() == done  # no retraining
     m = json.loads((trained_run / "manifest.json").read_text())
     assert m["stages"]["render-2"]["seed"] == 3
+    assert main(["render", "--out", str(trained_run), "--seed", "3", "-q"]) == 0  # the same again: reused
+    assert not (trained_run / "render-3").exists()
 
 
 def test_render_with_another_first_frame(trained_run, clip, tmp_path):
