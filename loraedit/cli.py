@@ -159,7 +159,7 @@ def resolve(argv: list[str]) -> Invocation | argparse.Namespace:
     args, extras = parser.parse_known_args(argv)
     if args.command not in STAGE_COMMANDS:
         if extras:
-            parser.parse_args(argv)  # the optional command's own parser reports it
+            _unknown_flags(args.command, extras)  # one line naming the command (and the one that takes the flag)
         return args
     if extras:
         _unknown_flags(args.command, extras)

@@ -235,6 +235,9 @@ def test_a_flag_of_another_command_is_an_error_naming_that_command(tmp_path, cap
     assert "`loraedit render` and `loraedit edit`" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "run"), "--stepz", "3"]) == 2
     assert "unknown flag --stepz" in capsys.readouterr().err
+    assert main(["masks", "--video", "v.mp4", "--first-frame", "f.png", "--out", str(tmp_path / "m"), "--steps", "3"]) == 2
+    assert capsys.readouterr().err.strip() == ("loraedit: error: masks: --steps is not a setting of `loraedit masks`; "
+                                               "it belongs to `loraedit train` and `loraedit edit`")
 
 
 def test_help_of_each_command_lists_only_its_own_flags():
