@@ -250,7 +250,11 @@ def _train_record(s: TrainSettings, hashes: dict) -> dict:
 
 def _check_training(run_dir: Path, old: dict, new: dict, staging: Path | None = None, because: str = "") -> None:
     """InputError if the trained (or partly trained) LoRA's record differs from `new`."""
-    if runstate.differences({k: old.get(k) for k in new}, new):
+    old = {k: old.get(k) for k in new}
+    if isinstance(old.get("settings"), dict) and isinstance(new.get("settings"), dict):
+        # a setting a record no longer holds (it was found not to change the LoRA) does not count
+        old["settings"] = {k: v for k, v in old["settings"].items() if k in new["settings"]}
+    if runstate.differences(old, new):
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         _refuse_changed_training(run_dir, old, new, because)
@@ -303,9 +307,9 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
             manifest.update(run_dir, "encode", {"seconds": seconds, "cache": f"cache/encoded-{key}.safetensors",
                                                 "texts": list(es.texts)}, es.__dict__)
         figures = stage.run(s, run_dir, cache, device, progress=progress)
+        _record_settings(run_dir, s)  # also when reused: a render takes --edit-prompt from here
         if figures.get("reused"):
             return figures
-        _record_settings(run_dir, s)
         manifest.update(run_dir, "train", figures, s.to_dict(), inputs=dict(record["inputs"], texts=record["texts"]))
         return figures
 

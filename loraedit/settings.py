@@ -426,7 +426,8 @@ class TrainSettings(Settings):
     model: str | None = setting(None, _MODEL_HELP, parse=model_path, group="inputs")
     prompt: str = setting("", "the source video's caption, for training: what the clip shows before the edit (optional)", group="prompts")
     edit_prompt: str | None = setting(None, "the edited video's caption, for rendering and for the edited reference frames "
-                                            "(default: --prompt)", group="prompts")
+                                            "(default: --prompt)", group="prompts",
+                                  affects_result=False)  # trains only stage 2, whose text is recorded as a training input
     trigger: str = setting("sks", "a rare word put before both captions, the LoRA's handle on this video (default sks; \"\" for none)",
                            group="prompts")
     caption: str = setting("off", "auto: caption the source's and the edited first frame with Florence-2 where --prompt / "

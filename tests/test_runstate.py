@@ -113,14 +113,14 @@ def _recoloured(path, tmp_path, name, colour):
 
 
 @pytest.mark.parametrize("case", ["mask file", "mask style", "grow", "reference contents", "first frame contents", "prompt",
-                                  "frames", "size", "start"])
+                                  "edit prompt", "frames", "size", "start"])
 def test_a_changed_training_input_is_refused_and_restart_retrains(case, base_run, tiny_model, clip, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
     before = _snapshot(run)
     argv = _argv(tiny_model, clip, run)
     expect = {"mask file": "edit region", "mask style": "--mask-style", "grow": "--grow", "reference contents": "reference",
-              "first frame contents": "first frame", "prompt": "--prompt", "frames": "--frames", "size": "--size",
+              "first frame contents": "first frame", "prompt": "--prompt", "edit prompt": "captions", "frames": "--frames", "size": "--size",
               "start": "--start"}[case]
     if case == "mask file":
         argv[argv.index("--mask") + 1] = str(_write_other_mask(clip, tmp_path))
@@ -137,6 +137,8 @@ def test_a_changed_training_input_is_refused_and_restart_retrains(case, base_run
         argv[argv.index("--first-frame") + 1] = str(_recoloured(clip["first_frame"], tmp_path, "e.png", (40, 220, 40)))
     elif case == "prompt":
         argv += ["--prompt", "a green square"]
+    elif case == "edit prompt":  # stage 2 trains the references with it
+        argv += ["--edit-prompt", "a green square"]
     elif case == "frames":
         argv[argv.index("--frames") + 1] = "13"
     elif case == "size":
@@ -169,6 +171,10 @@ def test_a_new_first_frame_without_references_renders_again_with_the_same_lora(t
     a = json.loads((run / "render" / "settings.json").read_text())
     b = json.loads((run / "render-2" / "settings.json").read_text())
     assert a["first_frame"] != b["first_frame"] and a["lora"] == b["lora"]
+    # without references --edit-prompt is a render input: the same LoRA renders the new text
+    assert main(argv + ["--edit-prompt", "a green square"]) == 0
+    c = json.loads((run / "render-3" / "settings.json").read_text())
+    assert c["lora"] == a["lora"] and "a green square" in c["prompt"] and "a green square" not in b["prompt"]
 
 
 @pytest.mark.parametrize("f", RENDERING, ids=[f.name for f in RENDERING])
