@@ -277,6 +277,7 @@ class PageInputs:
     block_size: int = 7
     model: str = ""
     prompt: str = ""
+    edit_prompt: str = ""
     negative_prompt: str | None = None
     steps: int = 100
     ref_steps: int = 100
@@ -329,6 +330,8 @@ def edit_argv(p: PageInputs, run_dir: Path, accepted: set[str]) -> list[str]:
     argv += selection_argv(p) + region_argv(p)
     for k, path in p.refs:
         argv += ["--ref", f"{int(k)}={path}"]
+    if p.edit_prompt and p.edit_prompt.strip():
+        argv += ["--edit-prompt", p.edit_prompt.strip()]
     if p.negative_prompt:
         argv += ["--negative-prompt", p.negative_prompt]
     argv += ["--steps", str(int(p.steps)), "--ref-steps", str(int(p.ref_steps)), "--render-steps", str(int(p.render_steps)),
@@ -532,6 +535,8 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
                 model_err = gr.HTML(visible=False, elem_id="model-error")
             toy_btn = gr.Button("use the bundled toy model (CPU demo)", scale=1, elem_id="toy-model")
         prompt = gr.Textbox("", label="prompt: what the edited video shows", elem_id="prompt")
+        edit_prompt = gr.Textbox("", label="edit prompt (optional): the edited video's caption, when the prompt describes the source",
+                                 elem_id="edit-prompt", visible="--edit-prompt" in edit_flags)
         with gr.Row():
             steps = gr.Number(100, label="training steps (stage 1)", precision=0, elem_id="steps")
             ref_steps = gr.Number(100, label="reference steps (stage 2)", precision=0, elem_id="ref-steps")
@@ -793,7 +798,7 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
 
         def on_start(video_path, upload, editor, refs, frames_v, start_v, fps_v, stride_v, spread_v, size_v, source_v, boxes_v, mask_v,
                      style_v, grow_v, dilate_v, block_v, extra_v, model_v, prompt_v, negative_v, steps_v, ref_steps_v,
-                     render_steps_v, seed_v, memory_v, device_v, lr_v, rank_v, guidance_v, name_v, current):
+                     render_steps_v, seed_v, memory_v, device_v, lr_v, rank_v, guidance_v, name_v, edit_prompt_v, current):
             errs = dict.fromkeys(start_fields)
 
             def fail(field_name, message):
@@ -820,7 +825,8 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
             p = page_inputs(copy_input(video_path, inputs), copy_input(first_path, inputs),
                             [(k, copy_input(path, inputs)) for k, path in refs or []],
                             (frames_v, start_v, fps_v, stride_v, spread_v, size_v), source_v, boxes_v, copy_input(mask_v, inputs) if source_v == "mask file" else mask_v, style_v,
-                            grow_v, dilate_v, block_v, model=model_v, prompt=prompt_v, negative_prompt=negative_v or None,
+                            grow_v, dilate_v, block_v, model=model_v, prompt=prompt_v, edit_prompt=edit_prompt_v or "",
+                            negative_prompt=negative_v or None,
                             steps=steps_v, ref_steps=ref_steps_v, render_steps=render_steps_v, seed=seed_v or 0,
                             memory=memory_v, device=device_v, lr=lr_v if lr_v is not None else 1e-4,
                             rank=rank_v if rank_v is not None else 16, guidance=guidance_v if guidance_v is not None else 5.0,
@@ -852,7 +858,7 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
         start_outputs = [selected, video_err, frames_err, first_err, ref_err, boxes_err, mask_err, model_err, steps_err,
                          start_err, start_warn]
         start_btn.click(on_start, preview_inputs + [model_box, prompt, negative, steps, ref_steps, render_steps, seed, memory,
-                                                    device, lr, rank, guidance, name, selected], start_outputs,
+                                                    device, lr, rank, guidance, name, edit_prompt, selected], start_outputs,
                         concurrency_limit=1)
 
         # ------------------------------------------------------------ progress, results, runs

@@ -258,11 +258,12 @@ def test_edit_argv_takes_only_the_cli_flags(tmp_path):
     from loraedit import ui
 
     p = ui.PageInputs(video="v.mp4", first_frame="f.png", model="m", selection=ui.selection_values("17", "2.5s", "", "3", False, "128x128"),
-                      region_source="boxes", boxes="10,10,40,50; 60,60,90,90", refs=[(8, "r.png")], extra="--composite --shift 3")
+                      region_source="boxes", boxes="10,10,40,50; 60,60,90,90", refs=[(8, "r.png")], extra="--composite --shift 3",
+                      edit_prompt="a red flower")
     argv = ui.edit_argv(p, tmp_path / "run", ui.flags_of("edit"))
     assert argv[:2] == ["edit", "--out"] and argv.count("--box") == 2 and "8=r.png" in argv
     assert argv[argv.index("--start") + 1] == "2.5s" and argv[argv.index("--stride") + 1] == "3" and "--fps" not in argv
-    assert argv[-3:] == ["--composite", "--shift", "3"]
+    assert argv[-3:] == ["--composite", "--shift", "3"] and argv[argv.index("--edit-prompt") + 1] == "a red flower"
     from loraedit.cli import build_parser
 
     _, unknown = build_parser().parse_known_args(argv)
