@@ -280,7 +280,7 @@ def _say_motion(followed: _region.Followed, where: str) -> None:
     log.info("%s: %s", where, followed.summary())
     if followed.ambiguous_from is not None:
         log.warning("%s: from frame %d what the added region sits on does not move as one, so where it goes is unclear; "
-                    "it now covers both where that object and where the scene would take it — check the contact sheet, "
+                    "it now covers both where that object and where the scene would take it — check it in `loraedit masks`' contact_sheet.png, "
                     "or give --box x0,y0,x1,y1 around the object and the addition", where, followed.ambiguous_from)
 
 
