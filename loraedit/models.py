@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from loraedit.files import atomic_output
 # every linear layer of each block except the image key/value projections (add_k_proj/add_v_proj)
 from loraedit.settings import DEFAULT_LORA_TARGETS  # noqa: E402,F401  (declared with the --lora-targets flag)
 ADAPTER = "edit"
+log = logging.getLogger("loraedit")
 
 # diffusers module path → original Wan (and ComfyUI) module path, inside blocks.N
 _WAN_NAMES = [
@@ -39,14 +41,46 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def memory_mode(requested: str, device: torch.device) -> str:
-    """'auto' → fp32 on the CPU; on a GPU bf16 when the 14B weights (28 GB) fit with room, else fp8."""
-    if requested != "auto":
-        return requested
+def memory_mode(requested: str, device: torch.device, model: str | None = None, latent: tuple[int, int, int] | None = None,
+                kind: str = "train", free_gib: float | None = None) -> str:
+    """The memory mode to run in, decided before any weights load.
+
+    CPU: 'auto' → fp32, other modes as asked. GPU: 'auto' → the fastest mode the memory model
+    (loraedit.plan) predicts fits in the card's free memory for this model and latent size; an
+    explicit mode that is predicted not to fit is refused in one line naming the mode that would.
+    Without the model's config or the latent size, 'auto' falls back to the card's total size.
+    """
     if device.type != "cuda":
-        return "fp32"
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return "bf16" if total >= 48 else "fp8"
+        return "fp32" if requested == "auto" else requested
+    if model is None or latent is None or not (Path(model) / "transformer" / "config.json").is_file():
+        if requested != "auto":
+            return requested
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        return "bf16" if total >= 48 else "fp8"
+    return fitting_mode(requested, transformer_config(model), tuple(latent), kind,
+                        torch.cuda.mem_get_info(device)[0] / 2**30 if free_gib is None else free_gib)
+
+
+def fitting_mode(requested: str, config: dict, latent: tuple[int, int, int], kind: str, free_gib: float) -> str:
+    """'auto' → the fastest mode predicted to fit in `free_gib`; an explicit mode → itself if it fits."""
+    from loraedit import plan
+
+    budget = plan.budget_for(free_gib)
+    size = f"this clip ({latent[0]} latent frames of {latent[2]}x{latent[1]})"
+    if requested != "auto":
+        peak = plan.predict(config, requested, latent, kind=kind, count_flops=False)["peak_gib"]
+        if peak <= budget:
+            return requested
+    chosen = plan.choose(config, latent, budget)["chosen"]
+    if requested == "auto" and chosen:
+        log.info("memory mode %s: the fastest predicted to fit in %.1f GiB free (`loraedit plan` shows all)", chosen, free_gib)
+        return chosen
+    if requested == "auto":
+        raise InputError(f"--memory auto: no memory mode is predicted to fit in the {free_gib:.1f} GiB free on this GPU for {size}; "
+                         "use a smaller --size or fewer --frames (`loraedit plan` shows every mode's memory)")
+    raise InputError(f"--memory {requested}: predicted peak {peak:.1f} GiB does not fit in the {free_gib:.1f} GiB free on this GPU; "
+                     + (f"use --memory {chosen} (or auto)" if chosen else "use a smaller --size or fewer --frames")
+                     + " — `loraedit plan` shows every mode")
 
 
 def check_model(path: str) -> str:
@@ -117,9 +151,9 @@ def load_vae(model: str, device: torch.device):
     return AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).to(device).eval()
 
 
-# peak of an untiled Wan VAE decode at 832x480 (fp32; the issue's simulation, to be replaced by the GPU
-# check's figure); it scales with the pixels of a frame (the VAE runs causally, a few frames at a time)
-VAE_UNTILED_GIB_832x480 = 8.2
+# peak of an untiled Wan VAE decode at 832x480 (fp32, 49 frames; measured on an H200 by bench/gpu_check.py:
+# encode 7.1 GiB, decode 9.3 GiB); it scales with the pixels of a frame (the VAE runs causally, a few frames at a time)
+VAE_UNTILED_GIB_832x480 = 9.3
 
 
 def tile_if_needed(vae, width: int, height: int, device: torch.device) -> bool:

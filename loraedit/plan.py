@@ -389,16 +389,19 @@ def plan(spec: Spec, gpu_gib: float | None, gpu_name: str | None = None, rank: i
             swap_name = chosen["chosen"]
     names.append(swap_name)
     tflops = next((v for k, v in GPU_TFLOPS.items() if gpu_name and k in gpu_name), GPU_TFLOPS["H100"])
-    modes = []
+    modes, renders = [], {}
     flop = None
     for name in names:
         train = predict(spec.config, name, spec.latent, rank=rank, count_flops=flop is None)
         flop = train["tflop"] if flop is None else flop
-        render = predict(spec.config, name, spec.latent, kind="render", rank=rank, count_flops=False)
+        m = parse_mode(name)
+        base = m.weights if m.offload and not m.swap else name  # offload is a training matter: render as the base mode
+        if base not in renders:
+            renders[base] = predict(spec.config, base, spec.latent, kind="render", rank=rank, count_flops=False)
+        render = renders[base]
         compute_s = flop / (tflops * ASSUMED_MFU)
         # offload moves each block input out and back; swap moves the weights in forward and backward;
         # both on a side stream, overlapped with compute
-        m = parse_mode(name)
         link_s = (train["moved_gib"] + 2 * train["offloaded_gib"]) * 2**30 / (HOST_LINK_GBS * 1e9)
         step_s = max(compute_s, link_s) * (1.04 if m.weights == "fp8" else 1.0)  # fp8: casts per layer
         host = train["host_gib"]

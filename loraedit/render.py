@@ -86,7 +86,7 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    memory = memory_mode(args.memory, device)
+    memory = memory_mode(args.memory, device, args.model, tuple(cache["x0"].shape[2:]), kind="render")
     fam = model_family(args.model)
     folders = lora_folders(run_dir, fam)
     held: dict[str, torch.nn.Module] = {}

@@ -212,7 +212,7 @@ def train_expert(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tens
     if total == 0:
         return {"total": 0, "seconds": 0.0}
 
-    memory = memory_mode(args.memory, device)
+    memory = memory_mode(args.memory, device, args.model, tuple(cache["x0"].shape[2:]))
     transformer = load_transformer(args.model, device, memory, subfolder=expert)
     add_lora(transformer, args.rank, args.alpha, args.lora_targets, seed=args.seed)
     # checkpointing (and activation offload / block swap) as the memory mode says; --gradient-checkpointing overrides

@@ -222,3 +222,110 @@ def test_gpu_check_keeps_going_after_a_failing_row(tmp_path, monkeypatch):
     gpu_check.main()
     rows = json.loads((tmp_path / "g.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok", "OOM"]
+
+
+# ---------------------------------------------------------------- the memory model
+
+WIDE = tiny_transformer_config(num_layers=4, num_attention_heads=8, attention_head_dim=64, ffn_dim=2048, text_dim=64, image_dim=32)
+WIDE_LATENT = (5, 64, 96)  # 5 latent frames of 96x64: 7,680 tokens
+
+MEASURE = r"""
+import json, resource, sys, torch
+import diffusers, peft  # noqa: F401  (imported before the baseline: their modules are not tensors)
+from diffusers import WanTransformer3DModel  # noqa: F401
+from peft import LoraConfig  # noqa: F401
+from loraedit import memory as mem, models, method, train
+cfg, mode_name, (T, h, w) = json.loads(sys.argv[1])
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+torch.manual_seed(0)
+x0, cond = torch.randn(1, 16, T, h, w), torch.randn(1, 20, T, h, w)
+text, image = torch.randn(1, 512, cfg["text_dim"]), torch.randn(1, 257, cfg["image_dim"])
+base = rss()
+mode = mem.parse_mode(mode_name)
+model = mem.random_transformer(cfg, mode, torch.device("cpu"))
+model._memory_mode = mode
+models.add_lora(model, 16, 16)
+models.setup_training(model, torch.device("cpu"))
+params = models.lora_parameters(model)
+opt = torch.optim.AdamW(params.values(), lr=1e-4, foreach=False)
+for s in range(2):
+    loss = method.velocity_loss(model, x0, cond, text, image, torch.tensor([0.5]), torch.randn_like(x0))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    del loss
+print(json.dumps({"peak_gib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**30}))
+"""
+
+
+def test_memory_model_is_within_15_percent_of_the_real_cpu_peak(mode="bf16"):
+    """The prediction (meta tensors, 2-3 block copies, extrapolated to 4) against the resident memory
+    a real CPU run of the same step takes (big tensors are mmapped, so RSS follows live tensors).
+    Measured here: 0.389 predicted, 0.441 GiB real (the rest: CPU kernels' buffers, lazily imported code).
+    On an H200 the same model was within 0.1-1.1 GiB (<= 6%) of every measured 14B row."""
+    from loraedit import plan
+
+    predicted = plan.predict(WIDE, mode, WIDE_LATENT)
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", MEASURE, json.dumps([WIDE, mode, WIDE_LATENT])], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    real = json.loads(r.stdout.strip().splitlines()[-1])["peak_gib"]
+    assert abs(predicted["peak_gib"] - real) / real < 0.15, (predicted, real)
+
+
+def test_memory_model_shapes_are_the_real_model():
+    """Solving from shallow copies gives the full-depth simulation; offload moves block inputs to the host, swap weights."""
+    from loraedit import plan
+
+    deep = {**WIDE, "num_layers": 6}
+    latent = (2, 16, 16)
+    full = plan.simulate(deep, "bf16-offload", latent, count_flops=False)
+    solved = plan.predict(deep, "bf16-offload", latent, count_flops=False)
+    for k in ("weights_gib", "peak_gib", "host_gib"):
+        assert solved[k] == pytest.approx(full[k], rel=1e-3), k
+    plain = plan.predict(deep, "bf16", latent, count_flops=False)
+    assert solved["host_gib"] > 0 and plain["host_gib"] == 0  # (peaks: offload saves at real sizes, see README)
+    swapped = plan.predict(deep, "bf16-swap5", latent, count_flops=False)
+    assert swapped["weights_gib"] < solved["weights_gib"]
+    assert swapped["moved_gib"] > 0, swapped
+
+
+def test_plan_command_from_config_files_only(tmp_path, tiny_model):
+    """A user plans before downloading: the folder holds only the JSON configs."""
+    import shutil
+
+    folder = tmp_path / "configs-only"
+    for f in Path(tiny_model).rglob("*.json"):
+        (folder / f.relative_to(tiny_model)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, folder / f.relative_to(tiny_model))
+    root = Path(__file__).resolve().parents[1]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "loraedit", "plan", "--model", str(folder), *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=600, cwd=root, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    r = run("--size", "96x64", "--frames", "17", "--gpu-memory", "0.5", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    p = json.loads(r.stdout)
+    names = [m["name"] for m in p["modes"]]
+    assert names[:4] == ["bf16", "bf16-offload", "fp8", "fp8-offload"] and names[4].startswith("bf16-swap")
+    for m in p["modes"]:
+        assert {"name", "train_peak_gib", "render_peak_gib", "host_ram_gib", "fits"} <= set(m)
+        assert m["train_peak_gib"] > 0 and m["fits"] is True  # a tiny model fits in 0.5 GiB
+    assert p["chosen"] == "bf16"
+    bad = run("--size", "96x64", "--frames", "10")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("loraedit: error: --frames 10") and "Traceback" not in bad.stderr
+
+
+def test_a_mode_that_cannot_fit_is_refused_naming_one_that_would():
+    from loraedit.errors import InputError
+
+    latent = WIDE_LATENT
+    need = {m: __import__("loraedit.plan", fromlist=["x"]).predict(WIDE, m, latent, count_flops=False)["peak_gib"] for m in ("bf16", "fp8-offload")}
+    free = (need["fp8-offload"] + need["bf16"]) / 2 / 0.95 + 1.0 / 0.95  # room for fp8-offload, not for bf16
+    assert models.fitting_mode("fp8-offload", WIDE, latent, "train", free) == "fp8-offload"
+    chosen = models.fitting_mode("auto", WIDE, latent, "train", free)
+    assert chosen != "bf16"
+    with pytest.raises(InputError, match=rf"--memory bf16: predicted peak .* use --memory {chosen}"):
+        models.fitting_mode("bf16", WIDE, latent, "train", free)
+    with pytest.raises(InputError, match="no memory mode"):
+        models.fitting_mode("auto", WIDE, latent, "train", 0.001)
