@@ -57,8 +57,16 @@ def memory_mode(requested: str, device: torch.device, model: str | None = None, 
             return requested
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         return "bf16" if total >= 48 else "fp8"
-    return fitting_mode(requested, transformer_config(model), tuple(latent), kind,
-                        torch.cuda.mem_get_info(device)[0] / 2**30 if free_gib is None else free_gib)
+    free = torch.cuda.mem_get_info(device)[0] / 2**30 if free_gib is None else free_gib
+    try:
+        return fitting_mode(requested, transformer_config(model), tuple(latent), kind, free)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — a failure of the prediction must not stop the run
+        log.warning("memory model failed (%s: %s); choosing by the card's size", type(exc).__name__, exc)
+        if requested != "auto":
+            return requested
+        return "bf16" if free >= 48 else "fp8-offload"
 
 
 def fitting_mode(requested: str, config: dict, latent: tuple[int, int, int], kind: str, free_gib: float) -> str:
