@@ -261,10 +261,9 @@ def predict(config: dict, mode_name: str, latent: tuple[int, int, int], kind: st
         m = mode.name if not mode.swap else f"{mode.weights}-swap{swap}"
         return simulate({**config, "num_layers": layers}, m, latent, kind=kind, rank=rank, cfg_batch=cfg_batch, count_flops=count_flops)
 
-    if not mode.swap or n <= 4:
-        if n <= 3:
-            out = sim(n, min(mode.swap, n))
-            return {**out, "mode": mode.name}
+    if n <= 4:  # shallow already: simulate it whole
+        return {**sim(n, min(mode.swap, n)), "mode": mode.name}
+    if not mode.swap:
         a, b = sim(2, 0), sim(3, 0)
         out = {k: a[k] + (b[k] - a[k]) * (n - 2) for k in keys}
     else:
@@ -406,8 +405,8 @@ def plan(spec: Spec, gpu_gib: float | None, gpu_name: str | None = None, rank: i
         step_s = max(compute_s, link_s) * (1.04 if m.weights == "fp8" else 1.0)  # fp8: casts per layer
         host = train["host_gib"]
         modes.append({
-            "name": name, "train_peak_gib": round(train["peak_gib"], 2), "render_peak_gib": round(render["peak_gib"], 2),
-            "weights_gib": round(train["weights_gib"], 2), "host_ram_gib": round(host + HOST_BASE_GIB, 2),
+            "name": name, "train_peak_gib": round(train["peak_gib"], 4), "render_peak_gib": round(render["peak_gib"], 4),
+            "weights_gib": round(train["weights_gib"], 4), "host_ram_gib": round(host + HOST_BASE_GIB, 4),
             "step_s": round(step_s, 2), "tflop_per_step": round(flop, 1),
             "fits": None if budget is None else bool(train["peak_gib"] <= budget and render["peak_gib"] <= budget),
         })

@@ -289,14 +289,14 @@ def test_plan_command_from_config_files_only(tmp_path, tiny_model):
     root = Path(__file__).resolve().parents[1]
     run = lambda *a: subprocess.run([sys.executable, "-m", "loraedit", "plan", "--model", str(folder), *a], capture_output=True,  # noqa: E731
                                     text=True, timeout=600, cwd=root, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
-    r = run("--size", "96x64", "--frames", "17", "--gpu-memory", "0.5", "--json")
+    r = run("--size", "96x64", "--frames", "17", "--gpu-memory", "2", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     p = json.loads(r.stdout)
     names = [m["name"] for m in p["modes"]]
     assert names[:4] == ["bf16", "bf16-offload", "fp8", "fp8-offload"] and names[4].startswith("bf16-swap")
     for m in p["modes"]:
         assert {"name", "train_peak_gib", "render_peak_gib", "host_ram_gib", "fits"} <= set(m)
-        assert m["train_peak_gib"] > 0 and m["fits"] is True  # a tiny model fits in 0.5 GiB
+        assert m["train_peak_gib"] > 0 and m["fits"] is True  # a tiny model fits in 2 GiB
     assert p["chosen"] == "bf16"
     bad = run("--size", "96x64", "--frames", "10")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("loraedit: error: --frames 10") and "Traceback" not in bad.stderr
