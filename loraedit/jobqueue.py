@@ -85,7 +85,9 @@ def _alive(pid: int | None) -> bool:
 def run_jobs(run_dir: Path) -> list[Job]:
     """The jobs of one run folder, oldest first."""
     folder = Path(run_dir) / JOBS_SUBDIR
-    return [Job.load(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    # not the hidden temporary files of an atomic write in progress (.0001.xxxx.json): reading one
+    # half-written would kill the worker and leave every job queued
+    return [Job.load(p) for p in sorted(folder.glob("*.json")) if not p.name.startswith(".")] if folder.is_dir() else []
 
 
 def run_folders(root: Path) -> list[Path]:

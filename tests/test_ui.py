@@ -273,3 +273,14 @@ def test_edit_argv_takes_only_the_cli_flags(tmp_path):
     with pytest.raises(ui.InputError, match="needs x0 < x1"):
         ui.edit_argv(ui.PageInputs(video="v", first_frame="f", model="m", region_source="boxes", boxes="10,10,5,50"),
                      tmp_path, ui.flags_of("edit"))
+
+
+def test_a_job_record_being_written_is_not_read(tmp_path):
+    """An atomic write in progress leaves a hidden, half-written .NNNN.*.json beside the records."""
+    from loraedit.jobqueue import JOBS_SUBDIR, run_jobs
+
+    run = tmp_path / "runs" / "a"
+    job = Job(run_dir=str(run), argv=["edit", "--out", str(run)], id="0001")
+    job.save()
+    (run / JOBS_SUBDIR / ".0002.k3j4.json").write_text('{"run_dir": ')  # cut off mid-write
+    assert [j.id for j in run_jobs(run)] == ["0001"]
