@@ -55,6 +55,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def edit_argv(inputs: dict, run_dir: Path, *, model: str, prompt: str, steps: int, ref_steps: int,
+              edit_prompt: str | None = None,
               render_steps: int, seed: int = 0, device: str = "cpu", quiet: bool = False, mode: str = "mask-aware",
               mask_style: str = "bbox", reference: bool = True, lr: float = DEMO["lr"], extra=()) -> list[str]:
     """The `loraedit edit` command line for a world clip written by `world.write_clip`."""
@@ -64,6 +65,8 @@ def edit_argv(inputs: dict, run_dir: Path, *, model: str, prompt: str, steps: in
             "--steps", str(steps), "--lr", str(lr), "--rank", str(DEMO["rank"]),
             "--render-steps", str(render_steps), "--guidance", str(DEMO["guidance"]), "--shift", str(DEMO["shift"]),
             "--seed", str(seed), "--device", device, "--mode", mode, "--mask-style", mask_style]
+    if edit_prompt is not None:
+        argv += ["--edit-prompt", edit_prompt]
     if reference and ref_steps > 0:
         argv += ["--ref", f"{inputs['reference_frame']}={inputs['reference']}", "--ref-steps", str(ref_steps)]
     if quiet:
@@ -111,7 +114,8 @@ def run_demo(args) -> int:
     log.info("world clip %d: %s → %s (reference: frame %d)", args.seed, clip.caption, clip.edited_caption,
              clip.reference_frame)
     run_dir = out / "run"
-    argv = edit_argv(inputs, run_dir, model=str(model), prompt=clip.edited_caption, steps=args.steps,
+    # as the paper: the source's caption trains, the edited video's caption renders (and trains stage 2)
+    argv = edit_argv(inputs, run_dir, model=str(model), prompt=clip.caption, edit_prompt=clip.edited_caption, steps=args.steps,
                      ref_steps=args.ref_steps, render_steps=args.render_steps, seed=0, device=args.device,
                      quiet=args.quiet)
     t_edit = time.perf_counter()
