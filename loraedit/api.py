@@ -86,6 +86,18 @@ def _loaded_libraries() -> None:
     quiet_libraries()
 
 
+def _ready(run_dir: Path, s):
+    """Settings of a stage on a run: the run's model filled in, input files and model folder checked
+    (one line each), the libraries quieted, the device resolved."""
+    from loraedit.models import resolve_device
+
+    s = _with_run_model(run_dir, s)
+    s.check_files()
+    _loaded_libraries()
+    s = s.replace(model=_check_model(s.model))
+    return s, resolve_device(s.device)
+
+
 def _no_model(settings: dict) -> dict:
     """Settings for a record: the model is recorded by identity (its contents), not by path."""
     return {k: v for k, v in settings.items() if k != "model"}
@@ -275,15 +287,10 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
     """Encode (cached) and train the LoRA of a prepared run; returns the training figures."""
     run_dir = Path(run_dir)
     with runstate.run_lock(run_dir, "train"):
-        s = _with_run_model(run_dir, s)
-        s.check_files()
         from loraedit import manifest
         from loraedit import train as stage
-        from loraedit.models import resolve_device
 
-        _loaded_libraries()
-        s = s.replace(model=_check_model(s.model))
-        device = resolve_device(s.device)
+        s, device = _ready(run_dir, s)
         prepared = _prepared(run_dir)
         hashes = runstate.prepared_hashes(prepared)
         negative = recorded_settings(run_dir, RenderSettings).get("negative_prompt")
@@ -319,7 +326,6 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
 
 def _render_plan(run_dir: Path, s: RenderSettings) -> tuple[dict, dict, object, dict]:
     """(prepared, hashes, encode settings, the render's record) for rendering `s` now."""
-    from loraedit.files import sha256_file
     from loraedit.video import fit_edited, read_image
 
     prepared = _prepared(run_dir)
@@ -369,15 +375,10 @@ def render(run_dir: str | Path, s: RenderSettings, name: str | None = None, prog
     """Render the trained run with `s` into a new folder of the run (render, render-2, …, or `name`)."""
     run_dir = Path(run_dir)
     with runstate.run_lock(run_dir, "render"):
-        s = _with_run_model(run_dir, s)
-        s.check_files()
         from loraedit import manifest
         from loraedit import render as stage
-        from loraedit.models import resolve_device
 
-        _loaded_libraries()
-        s = s.replace(model=_check_model(s.model))
-        device = resolve_device(s.device)
+        s, device = _ready(run_dir, s)
         prepared, hashes, es, record = _render_plan(run_dir, s)
         if name is None:  # a render with exactly these inputs is reused, as `edit` does, not made again
             for done in sorted(run_dir.glob("*/settings.json")):
