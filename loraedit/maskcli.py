@@ -84,11 +84,18 @@ def run_masks(args) -> int:
     info = probe_video(args.video)
     if not opts.mask and not opts.boxes and not args.first_frame:
         raise InputError("--first-frame is required to find the edit region (or give the region with --box or --mask)")
-    choice, (width, height) = prepare.select(info, prepare.footage_of_arguments(args))
+    footage = prepare.footage_of_arguments(args)
+    choice, (width, height) = prepare.select(info, footage)
     indices = choice.indices
-    frames = np.stack([fit_to_size(f, width, height) for f in read_video_frames(args.video, indices)])
-    if args.first_frame:
-        first = fit_edited(read_image(args.first_frame), width, height, info.width, info.height, args.first_frame)
+    raw = read_video_frames(args.video, indices)
+    edited = read_image(args.first_frame) if args.first_frame else None
+    # the same warning as edit's for the same clip and size: a crop that cuts the frame or the edit
+    prepare.warn_about_crop(info, (width, height), footage.size is not None, raw[0],
+                            None if edited is None else prepare.at_source_size(edited, info), args.first_frame or args.video)
+    frames = np.stack([fit_to_size(f, width, height) for f in raw])
+    del raw
+    if edited is not None:
+        first = fit_edited(edited, width, height, info.width, info.height, args.first_frame)
     else:
         first = frames[0]
     t1 = time.perf_counter()

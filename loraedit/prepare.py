@@ -264,7 +264,7 @@ def check_refs(refs: dict[int, str], frames: int) -> dict[int, str]:
     return dict(refs)
 
 
-def _at_source_size(edited: np.ndarray, info: VideoInfo) -> np.ndarray | None:
+def at_source_size(edited: np.ndarray, info: VideoInfo) -> np.ndarray | None:
     """The edited first frame at the source's size when it has the source's aspect (to see what a crop cuts of it)."""
     h, w = edited.shape[:2]
     if (w, h) == (info.width, info.height):
@@ -290,7 +290,7 @@ def run(args: PrepareSettings, run_dir: Path) -> dict:
     shots.check_no_cuts(args.video, info, indices, choice.fps, footage.allow_cuts, cuts)
     opts = args.mask_options()
     edited = read_image(args.first_frame)
-    crop = warn_about_crop(info, (width, height), footage.size is not None, raw[0], _at_source_size(edited, info), args.first_frame)
+    crop = warn_about_crop(info, (width, height), footage.size is not None, raw[0], at_source_size(edited, info), args.first_frame)
     frames = np.stack([fit_to_size(f, width, height) for f in raw])
     del raw
     first = fit_edited(edited, width, height, info.width, info.height, args.first_frame)

@@ -509,3 +509,17 @@ def test_fp8_trains_and_renders_end_to_end_and_renders_again_in_bf16(tiny_model,
     bf16 = np.stack([read_image(p) for p in sorted((run / "render-2" / "frames").glob("*.png"))]).astype(float)
     assert fp8.std() > 5  # a picture, not a black (NaN) video
     assert np.abs(fp8 - bf16).mean() < 8, np.abs(fp8 - bf16).mean()  # close to the bf16 render (0-255 scale)
+
+
+# ---------------------------------------------------------------- the user's path: the same clip through masks and edit
+
+
+def test_masks_warns_about_a_crop_as_prepare_does(tiny_model, clip, tmp_path, caplog):
+    size = ["--frames", "5", "--size", "48x64"]  # a 96x64 clip cut to 48x64: half the frame and part of the edit
+    both = ["--video", str(clip["video"]), "--first-frame", str(clip["first_frame"]), *size]
+    assert main(["masks", "--out", str(tmp_path / "m"), "-q", *both]) == 0
+    from_masks = [r.getMessage() for r in caplog.records if "cuts away" in r.getMessage()]
+    caplog.clear()
+    assert main(["prepare", "--model", str(tiny_model), "--out", str(tmp_path / "run"), *both]) == 0
+    from_prepare = [r.getMessage() for r in caplog.records if "cuts away" in r.getMessage()]
+    assert from_masks == from_prepare and len(from_masks) == 1 and "of the edit" in from_masks[0], (from_masks, from_prepare)
