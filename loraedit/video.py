@@ -25,6 +25,7 @@ PORTRAIT = (480, 832)
 PIXEL_BUDGET_480P = 832 * 480  # pixels per frame the 480P models were trained at
 MODEL_FPS = 16.0  # Wan2.1's training frame rate, when the model folder does not say
 MAX_AUTO_FRAMES = 81  # --frames auto: at most the frame count Wan was trained on
+MIN_EDIT_FRAMES = 5  # the fewest frames worth editing: 1 is the first frame alone, nothing follows it
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,11 @@ def largest_valid_frames(n: int) -> int:
     return 0 if n < 1 else (n - 1) // 4 * 4 + 1
 
 
+def clip_seconds(t: np.ndarray, info: VideoInfo) -> float:
+    """How long the clip lasts: to the end of its last frame (the figure every message gives)."""
+    return float(t[-1] - t[0] + 1.0 / max(info.fps, 1e-9))
+
+
 def _start_index(start: Start, t: np.ndarray, info: VideoInfo) -> int:
     if start.seconds is None:
         i = start.frame or 0
@@ -223,7 +229,8 @@ def _start_index(start: Start, t: np.ndarray, info: VideoInfo) -> int:
         return i
     half = 0.5 / max(info.fps, 1e-9)
     if start.seconds > t[-1] + half:
-        raise InputError(f"{info.path}: --start {start} is past the clip's end ({t[-1]:.2f} s); use a smaller --start")
+        raise InputError(f"{info.path}: --start {start} is past the clip's end (it lasts {clip_seconds(t, info):.2f} s, its last "
+                         f"frame shown from {t[-1]:.2f} s); use a smaller --start")
     return int(np.argmin(np.abs(t - start.seconds)))  # the frame shown at that time
 
 
@@ -247,36 +254,54 @@ def choose_frames(info: VideoInfo, frames: int | None, start: Start | str | int 
         raise InputError(f"--fps {fps}: must be a positive frame rate, e.g. 16")
     if stride is not None and stride < 1:
         raise InputError(f"--stride {stride}: must be at least 1")
-    available = info.n_frames - s
-
     if spread:
-        fit = available
         rule, rate_desc = "--spread", ""
     elif stride is not None:
-        fit = (available - 1) // stride + 1
         rule, rate_desc = "--stride", f" with --stride {stride}"
     else:
         rate = fps if fps is not None else model_fps
         if src_fps <= rate * 1.01:
             # a clip no faster than the rate: its own frames (repeating frames would add no motion)
-            rule, rate, fit = "source rate", src_fps, available
+            rule, rate = "source rate", src_fps
         else:
             rule = "--fps" if fps is not None else "model rate"
-            half = 0.5 / src_fps  # an instant within half a source frame of the end still has a frame
-            fit = int(math.floor((t[-1] + half - t[s]) * rate + 1e-9)) + 1
         rate_desc = f" at {rate:g} fps"
 
+    def fit_from(first: int) -> int:
+        """How many frames the rule can take from source frame `first` on."""
+        available = info.n_frames - first
+        if spread or rule == "source rate":
+            return available
+        if stride is not None:
+            return (available - 1) // stride + 1
+        half = 0.5 / src_fps  # an instant within half a source frame of the end still has a frame
+        return int(math.floor((t[-1] + half - t[first]) * rate + 1e-9)) + 1
+
+    def fixes(want: int) -> str:
+        """What to change for `want` frames: fewer frames (never fewer than MIN_EDIT_FRAMES), an earlier
+        start, or a longer clip."""
+        options = []
+        if want > MIN_EDIT_FRAMES and largest_valid_frames(fit) >= MIN_EDIT_FRAMES:
+            options.append(f"--frames {largest_valid_frames(fit)} (the most that fit from there) or --frames auto")
+        later = next((j for j in range(s, -1, -1) if fit_from(j) >= want), None)
+        if later is not None:
+            shown = f"{math.floor(t[later] * 100) / 100:.2f}s" if start.seconds is not None else str(later)
+            options.append(f"--start {shown} or earlier for {want} frames")
+        if not options:
+            return f"use a longer clip (the whole clip, {clip_seconds(t, info):.2f} s, holds {fit_from(0)} frames{rate_desc})"
+        return "use " + ", or ".join(options)
+
+    fit = fit_from(s)
     n = frames
     if n is None:
         n = min(max_auto, largest_valid_frames(fit))
-        if n < 5:
-            raise InputError(f"{info.path}: only {fit} frames fit from --start {start}{rate_desc}; --frames auto needs at least 5 — "
-                             "use an earlier --start or a longer clip")
+        if n < MIN_EDIT_FRAMES:
+            raise InputError(f"{info.path}: only {fit} frames fit from --start {start}{rate_desc}; --frames auto needs at least "
+                             f"{MIN_EDIT_FRAMES}: {fixes(MIN_EDIT_FRAMES)}")
     elif n > fit:
         seconds = t[-1] - t[s] + 1.0 / src_fps
-        best = largest_valid_frames(fit)
-        fix = f"use --frames {best} (the largest valid) or --frames auto" if best >= 1 else "use an earlier --start"
-        raise InputError(f"{info.path}: {seconds:.2f} s from --start {start} holds {fit} frames{rate_desc}, fewer than --frames {n}; {fix}")
+        raise InputError(f"{info.path}: {seconds:.2f} s from --start {start} holds {fit} frames{rate_desc}, fewer than --frames {n}; "
+                         f"{fixes(n)}")
 
     if spread:
         indices = frame_indices(info.n_frames, n, s, None, path=info.path, times=info.times)

@@ -523,3 +523,34 @@ def test_masks_warns_about_a_crop_as_prepare_does(tiny_model, clip, tmp_path, ca
     assert main(["prepare", "--model", str(tiny_model), "--out", str(tmp_path / "run"), *both]) == 0
     from_prepare = [r.getMessage() for r in caplog.records if "cuts away" in r.getMessage()]
     assert from_masks == from_prepare and len(from_masks) == 1 and "of the edit" in from_masks[0], (from_masks, from_prepare)
+
+
+def test_a_too_short_clip_gives_one_length_and_a_fix_that_works(tiny_model, tmp_path, capsys):
+    """The kitten clip (16 frames at 8 fps): its length is 2.00 s in every message, and the fix offered
+    works when typed in (never --frames 1, which edits nothing)."""
+    import re
+
+    from loraedit.samples import shared_data_dir
+
+    from conftest import require_data
+
+    kitten = (shared_data_dir() or Path("missing")) / "anyv2v-demo" / "A_kitten_turning_its_head_on_a_wooden_floor.mp4"
+    require_data(kitten)
+    dog = kitten.with_name(kitten.stem + "__A_dog_turning_its_head_on_a_wooden_floor.png")
+
+    def prepare(*flags):
+        code = main(["prepare", "--model", str(tiny_model), "--video", str(kitten), "--first-frame", str(dog),
+                     "--out", str(tmp_path / "run"), "--size", "64x64", *flags])
+        return code, (capsys.readouterr().err.strip().splitlines() or [""])[-1]
+
+    lengths = {}
+    for flags in (["--frames", "81"], ["--frames", "9", "--start", "99s"]):
+        code, err = prepare(*flags)
+        assert code == 2 and err.startswith("loraedit: error: "), err
+        lengths[err] = re.findall(r"(\d+\.\d+) s\b", err)[0]
+    assert set(lengths.values()) == {"2.00"}, lengths
+    code, err = prepare("--frames", "9", "--start", "1.5s")
+    assert code == 2 and "--frames 1 " not in err and "--frames 1)" not in err
+    fix = re.search(r"use (--start \S+) or earlier", err)
+    assert fix, err
+    assert prepare("--frames", "9", *fix.group(1).split())[0] == 0
