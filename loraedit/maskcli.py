@@ -1,6 +1,6 @@
 """`loraedit masks`: compute the edit regions and write them out to look at before training.
 
-    loraedit masks --video in.mp4 --first-frame edited.png --out DIR [mask flags]
+    loraedit masks --video in.mp4 --first-frame edited.png --out DIR [--model MODEL] [mask flags]
 
 DIR/masks/NNNN.png      one mask per selected frame (white = edit), at the working size
 DIR/masks.mkv           the same masks as a lossless (FFV1) video
@@ -9,8 +9,9 @@ DIR/contact_sheet.png   a grid of overlay frames with their numbers
 DIR/masks.json          what was selected (frames, size, source indices), the shots and scene cuts over them, and what
                         moved the region in each frame — written last, so its
                         presence marks a complete folder; `loraedit edit --masks DIR` checks it
-It takes the same frame-selection and size flags as `loraedit edit`, so the masks line up with the
-frames `edit` trains on.
+It takes the same frame-selection and size flags as `loraedit edit`, and --model: with the model `edit`
+will use, the default size and frame rate are that model's (its bucket: 832x480, 1280x720, 1280x704),
+so the masks line up with the frames `edit` trains on.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from loraedit import masks, prepare, shots
+from loraedit import masks, prepare, settings, shots
 from loraedit.errors import InputError
 from loraedit.files import write_json
 from loraedit.video import fit_edited, fit_to_size, probe_video, read_image, read_video_frames, write_png, write_video
@@ -38,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--video", default=None, help="source video")
     p.add_argument("--first-frame", dest="first_frame", default=None, help="the edited first frame (needed for the automatic region)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default=None, type=settings.model_path,
+                   help="the Wan I2V model folder `edit` will use: the default size and frame rate are its own "
+                        "(default: Wan2.1-480P's)")
     prepare.add_footage_arguments(p)  # the same frames and size as `loraedit edit`
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     masks.add_mask_arguments(p)
@@ -80,12 +84,17 @@ def run_masks(args) -> int:
     opts = masks.mask_options_from_args(args)
     if opts.masks:
         raise InputError("--masks: `loraedit masks` makes masks; give --mask, --box or --first-frame instead")
+    model = getattr(args, "model", None)
+    if model:
+        from loraedit.models import check_model
+
+        model = check_model(model)  # one line for a folder that is no supported model, before any work
     t0 = time.perf_counter()
     info = probe_video(args.video)
     if not opts.mask and not opts.boxes and not args.first_frame:
         raise InputError("--first-frame is required to find the edit region (or give the region with --box or --mask)")
     footage = prepare.footage_of_arguments(args)
-    choice, (width, height) = prepare.select(info, footage)
+    choice, (width, height) = prepare.select(info, footage, prepare.model_frame_rate(model), prepare.model_pixel_budget(model), model)
     indices = choice.indices
     raw = read_video_frames(args.video, indices)
     edited = read_image(args.first_frame) if args.first_frame else None
@@ -124,7 +133,7 @@ def run_masks(args) -> int:
     t3 = time.perf_counter()
     write_json(manifest, {
         "frames": len(indices), "width": width, "height": height, "indices": indices, "source_frames": info.n_frames,
-        "video": str(args.video), "first_frame": str(args.first_frame) if args.first_frame else None, "fps": fps,
+        "video": str(args.video), "model": model, "first_frame": str(args.first_frame) if args.first_frame else None, "fps": fps,
         "mask_style": opts.style, "segmenter": opts.segmenter, "source": "masks" if opts.mask else "box" if opts.boxes else "automatic",
         "region_fraction": float(regions.mean()), **motion, **cuts, "region_fraction_per_frame": [round(float(r.mean()), 4) for r in regions],
         "seconds": {"read": round(t1 - t0, 2), "regions": round(t2 - t1, 2), "write": round(t3 - t2, 2)},

@@ -393,3 +393,29 @@ def test_ti2v_naive_mode_keeps_frame_zero_only_and_references_keep_outside_their
     ref_keep = aware["ref.4.cond"][0, 0, 0]
     assert ref_keep[0:2, 2:6].eq(0).all() and ref_keep.sum() == 24 - 8
     torch.testing.assert_close(naive["cond_render"][:, 1:, :1], aware["cond_render"][:, 1:, :1])  # the edited first frame
+
+
+def test_masks_takes_the_models_size_as_edit_does(tiny_layouts, tmp_path, capsys):
+    from loraedit.cli import main
+    from loraedit.files import read_json
+
+    from conftest import make_clip
+
+    wide = make_clip(tmp_path, frames=9, height=72, width=128)  # 16:9 footage
+    base = ["--video", str(wide["video"]), "--first-frame", str(wide["first_frame"]), "--mask", str(wide["mask"]),
+            "--frames", "1", "-q"]
+    sizes = {}
+    for name, model in (("480P default", None), ("720p", tiny_layouts["wan2.1-720p"]), ("ti2v", tiny_layouts["ti2v"])):
+        with_model = ["--model", str(model)] if model else []
+        assert main(["masks", "--out", str(tmp_path / f"m-{name}"), *with_model, *base]) == 0
+        info = read_json(tmp_path / f"m-{name}" / "masks.json")
+        sizes[name] = (info["width"], info["height"])
+        if model:  # the frames `edit` would prepare with this model
+            assert main(["prepare", "--model", str(model), "--out", str(tmp_path / f"p-{name}"), *base]) == 0
+            plan = read_json(tmp_path / f"p-{name}" / "prepare" / "plan.json")
+            assert sizes[name] == (plan["width"], plan["height"]) and info["model"] == str(model)
+    assert sizes == {"480P default": (832, 480), "720p": (1280, 720), "ti2v": (1280, 704)}
+    capsys.readouterr()
+    assert main(["masks", "--out", str(tmp_path / "bad"), "--model", str(tiny_layouts["t2v"]), *base]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "text-to-video" in lines[0], lines
