@@ -167,7 +167,11 @@ def prepare(run_dir: str | Path, s: PrepareSettings, restart: bool = False, then
         t0 = time.perf_counter()
         staging = run_dir / ".prepare-new"
         shutil.rmtree(staging, ignore_errors=True)
-        plan = stage.run(s, staging)
+        try:
+            plan = stage.run(s, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # a refused or interrupted prepare leaves nothing half-made
+            raise
         hashes = runstate.prepared_hashes(stage.load(staging))
         trained = run_dir / "train" / "record.json"
         if trained.is_file() or _has_trained_lora(run_dir):
@@ -202,11 +206,15 @@ def prepare(run_dir: str | Path, s: PrepareSettings, restart: bool = False, then
         return plan
 
 
+def _require_prepared(run_dir: Path) -> None:
+    if not (run_dir / "prepare" / "plan.json").is_file():
+        raise InputError(f"{run_dir}: is not a prepared run; run `loraedit prepare` (or `loraedit edit`) with --out {run_dir} first")
+
+
 def _prepared(run_dir: Path) -> dict:
     from loraedit import prepare as stage
 
-    if not (run_dir / "prepare" / "plan.json").is_file():
-        raise InputError(f"{run_dir}: is not a prepared run; run `loraedit prepare` (or `loraedit edit`) with --out {run_dir} first")
+    _require_prepared(run_dir)
     return stage.load(run_dir)
 
 
@@ -290,6 +298,7 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
         from loraedit import manifest
         from loraedit import train as stage
 
+        _require_prepared(run_dir)  # said first: without a prepared run, a missing --model is not the problem
         s, device = _ready(run_dir, s)
         prepared = _prepared(run_dir)
         hashes = runstate.prepared_hashes(prepared)
@@ -378,6 +387,7 @@ def render(run_dir: str | Path, s: RenderSettings, name: str | None = None, prog
         from loraedit import manifest
         from loraedit import render as stage
 
+        _require_prepared(run_dir)
         s, device = _ready(run_dir, s)
         prepared, hashes, es, record = _render_plan(run_dir, s)
         if name is None:  # a render with exactly these inputs is reused, as `edit` does, not made again
@@ -414,6 +424,9 @@ def edit(run_dir: str | Path, prep: PrepareSettings, tr: TrainSettings, rend: Re
         prep.check_files()
         tr.check_files()  # a missing captioner is said before the frames are prepared
         rend.check_files()  # and a setting the model does not take (--guidance-2)
+        from loraedit.models import resolve_device
+
+        resolve_device(tr.device), resolve_device(rend.device)  # --device cuda without a GPU: said before preparing
         prepare(run_dir, prep, restart=restart, then_train=tr)
         train(run_dir, tr, restart=restart, progress=progress)
         # a rerun of an interrupted edit finishes render/; a rerun of a finished one with the same

@@ -543,7 +543,8 @@ def run_batch(args) -> int:
     jobs = load_jobs(args.jobs)
     ray = _ray_connect(args.ray) if args.ray else None  # a missing cluster is reported before anything is written
     root = Path(args.out).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"--out {args.out}: is an existing file, not a batch folder; pass a folder path")
     session = uuid.uuid4().hex[:12]
     started = time.time()
     todo = [j for j in jobs if not _is_done(root, j)]
@@ -554,6 +555,7 @@ def run_batch(args) -> int:
             # Ray would keep such tasks waiting for a GPU that never comes
             raise InputError(f"--ray {args.ray}: the cluster has {have:g} GPUs and job {gpu_jobs[0]} asks for "
                              f"{args.gpus_per_job:g}; start the GPU nodes first, or set device = \"cpu\" in CPU-only jobs")
+    root.mkdir(parents=True, exist_ok=True)  # after every check: a refused batch leaves nothing behind
     if len(todo) < len(jobs):
         log.info("%d of %d jobs already done; running the other %d", len(jobs) - len(todo), len(jobs), len(todo))
     for j in todo:  # a job waiting its turn is pending, whatever an earlier batch left in its state file

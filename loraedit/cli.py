@@ -191,16 +191,24 @@ def resolve(argv: list[str]) -> Invocation | argparse.Namespace:
 
 
 def check_out(out: str) -> Path:
-    """--out: a folder (existing or to be made) that this user can write."""
+    """--out: a folder (existing or to be made) that this user can write. A folder that does not
+    exist yet is made to see that it can be, and removed again: the command makes it when it starts
+    work, so a refused command leaves nothing behind."""
+    from loraedit.files import missing_folders, remove_empty_folders
+
     p = Path(out).expanduser()
     if p.is_file():
         raise InputError(f"--out {out}: is an existing file, not a run folder; pass a folder path")
+    made = missing_folders(p)
     try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"--out {out}: cannot create the run folder ({exc.strerror}); pass a folder you can write") from None
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: the run folder is not writable; pass a folder you can write")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"--out {out}: cannot create the run folder ({exc.strerror}); pass a folder you can write") from None
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise InputError(f"--out {out}: the run folder is not writable; pass a folder you can write")
+    finally:
+        remove_empty_folders(made)
     return p.resolve()
 
 

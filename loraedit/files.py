@@ -36,6 +36,31 @@ def atomic_output(path: str | os.PathLike, suffix: str | None = None):
         raise
 
 
+def missing_folders(path: str | os.PathLike) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first: what making it creates."""
+    out = []
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def holds_files(folder: str | os.PathLike, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether anything but folders (and the top-level names in `ignore`) is under `folder`."""
+    top = Path(folder)
+    return any(not p.is_dir() or p.is_symlink() for p in top.rglob("*") if not (p.parent == top and p.name in ignore))
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """rmdir each of `folders` (deepest first) while it is empty; a folder that is not is left, with its parents."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
 def write_json(path: str | os.PathLike, data) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

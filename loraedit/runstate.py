@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from loraedit.errors import InputError
-from loraedit.files import read_json, sha256_file
+from loraedit.files import holds_files, missing_folders, read_json, remove_empty_folders, sha256_file
 
 LOCK_NAME = ".lock"
 
@@ -151,11 +151,13 @@ def run_lock(run_dir: Path, command: str):
     """Hold RUN/.lock (pid, host, command) while a command works on the run folder.
 
     A second command refuses in one line; a lock left by a dead process on this host is taken
-    over. Re-entrant within one process (edit → prepare → train → render).
+    over. Re-entrant within one process (edit → prepare → train → render). A command that fails
+    (a refusal, a mistake in the input) on a run folder it created leaves no empty folder behind.
     """
     global last_command
     last_command = command
     run_dir = Path(run_dir)
+    made = missing_folders(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     key = str(run_dir.resolve())
     with _held_guard:
@@ -201,13 +203,22 @@ def run_lock(run_dir: Path, command: str):
         raise InputError(f"{lock}: could not take the run folder's lock; delete the file if no loraedit command is running")
     with _held_guard:
         _held[key] = 1
+    failed = True
     try:
         yield
+        failed = False
     finally:
         with _held_guard:
             _held.pop(key, None)
+        # a new run folder that the failed command put nothing in goes, lock last: its empty
+        # subfolders while the lock is held, then the folder and the parents made for it
+        empty = failed and made and not holds_files(run_dir, ignore=(LOCK_NAME,))
+        if empty:
+            remove_empty_folders(sorted((p for p in run_dir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
+        if empty:
+            remove_empty_folders(made)
 
 
 def _mtime(p: Path) -> float:

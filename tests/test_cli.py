@@ -214,6 +214,7 @@ def test_bad_input_gets_one_line_and_exit_code_2(case, expect, tiny_model, clip,
     assert main(_bad(tiny_model, clip, tmp_path, **change)) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("loraedit: error:") and expect in lines[0], lines
+    assert not (tmp_path / "run").exists()  # a refused command leaves nothing new on disk
 
 
 def test_bad_input_from_the_shell_has_no_traceback(tiny_model, clip, tmp_path):
@@ -336,6 +337,7 @@ def test_a_bad_value_is_one_line_with_exit_2_before_any_model_loads(change, expe
     assert main(argv) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("loraedit: error: ") and expect in lines[0], lines
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ro").exists()  # nothing new on disk
 
 
 def test_flag_mistakes_are_reported_before_torch_is_imported(tmp_path):
@@ -554,3 +556,22 @@ def test_a_too_short_clip_gives_one_length_and_a_fix_that_works(tiny_model, tmp_
     fix = re.search(r"use (--start \S+) or earlier", err)
     assert fix, err
     assert prepare("--frames", "9", *fix.group(1).split())[0] == 0
+
+
+def test_a_refused_command_on_a_new_folder_leaves_nothing_behind(tiny_model, clip, tmp_path, capsys):
+    new = tmp_path / "new" / "deeper" / "run"
+    good = ["--video", str(clip["video"]), "--first-frame", str(clip["first_frame"]), "--frames", "5"]
+    refused = [
+        edit_argv(tiny_model, clip, new, "--frames", "49"),  # a clip too short: found while preparing
+        edit_argv(tiny_model, clip, new, "--video", str(tmp_path / "typo.mp4")),
+        ["train", "--out", str(new), "--steps", "1"],  # nothing prepared there
+        ["render", "--out", str(new)],
+        ["masks", "--out", str(new), *good, "--mask", str(clip["first_frame"]), "--frames", "49"],
+        ["batch", str(tmp_path / "missing.toml"), "--out", str(new)],
+    ]
+    for argv in refused:
+        assert main(argv) == 2, argv
+        assert "loraedit: error:" in capsys.readouterr().err
+        assert not (tmp_path / "new").exists(), argv
+    assert main(["train", "--out", str(new), "--steps", "1"]) == 2
+    assert "is not a prepared run" in capsys.readouterr().err  # the problem, not a missing --model
