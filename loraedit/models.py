@@ -76,7 +76,7 @@ def fitting_mode(requested: str, config: dict, latent: tuple[int, int, int], kin
     budget = plan.budget_for(free_gib)
     size = f"this clip ({latent[0]} latent frames of {latent[2]}x{latent[1]})"
     if requested != "auto":
-        peak = plan.predict(config, requested, latent, kind=kind, count_flops=False)["peak_gib"]
+        peak = plan.cached_predict(config, requested, latent, kind=kind, count_flops=False)["peak_gib"]
         if peak <= budget:
             return requested
     chosen = plan.choose(config, latent, budget)["chosen"]
@@ -359,6 +359,111 @@ def load_trained_lora(transformer, lora_file: str | Path, fuse: bool | None = No
         transformer.fuse_lora(adapter_names=[ADAPTER])
         transformer.unload_lora()
     return transformer
+
+
+# ---------------------------------------------------------------- speed: attention backend, regional compile
+
+# --attention name → diffusers' attention dispatcher backend (diffusers.models.attention_dispatch).
+# auto = PyTorch's SDPA, which picks its kernel itself: on an H200 at 20,280 tokens one Wan2.1-14B block
+# forward+backward took 114 ms with it, 117 with cuDNN, 156 with PyTorch's FlashAttention-2, 287 with the
+# memory-efficient kernel (bench/gpu_check.py); FlashAttention-3 was not installed there.
+ATTENTION_BACKENDS = {
+    "auto": "native", "sdpa": "native", "math": "_native_math",
+    "flash": "_native_flash", "cudnn": "_native_cudnn", "efficient": "_native_efficient",  # PyTorch's own kernels (CUDA)
+    "flash-attn": "flash", "flash3": "_flash_3", "sage": "sage", "xformers": "xformers",  # separately installed packages
+}
+_CUDA_ONLY = {"flash", "cudnn", "efficient", "flash-attn", "flash3", "sage", "xformers"}
+
+
+def check_attention(name: str, device: torch.device) -> str:
+    """The diffusers backend of --attention `name`, refused in one line where this machine cannot run it
+    (called before any weights load)."""
+    backend = ATTENTION_BACKENDS[name]
+    if name in _CUDA_ONLY and device.type != "cuda":
+        raise InputError(f"--attention {name}: needs a CUDA GPU (this run is on {device.type}); use --attention auto")
+    if name == "flash" and not torch.backends.cuda.is_flash_attention_available():
+        raise InputError("--attention flash: this PyTorch build has no FlashAttention kernel; use --attention auto")
+    if name == "flash" and torch.cuda.get_device_capability(device)[0] < 8:
+        raise InputError("--attention flash: FlashAttention needs an Ampere or newer GPU; use --attention auto")
+    if name == "cudnn" and not torch.backends.cudnn.is_available():
+        raise InputError("--attention cudnn: this PyTorch build has no cuDNN; use --attention auto")
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(backend))
+    except RuntimeError as exc:
+        raise InputError(f"--attention {name}: {str(exc).splitlines()[0]} Or use --attention auto") from None
+    return backend
+
+
+# internal knob, for tests: the torch.compile backend of --compile (inductor on a GPU; tests use aot_eager,
+# which traces exactly as inductor does but skips code generation, so a CPU test stays fast)
+COMPILE_BACKEND_ENV = "LORAEDIT_COMPILE_BACKEND"
+
+
+def speed_up(transformer, device: torch.device, attention: str = "auto", compile_: bool = False) -> list[int]:
+    """Set the attention backend and, with compile_, compile the repeated blocks (regional compilation,
+    diffusers' `compile_repeated_blocks` rule: every module whose class is in `_repeated_blocks`).
+
+    Call after the LoRA is added (or fused) and checkpointing / swap are set up. Blocks whose weights
+    block swap streams in are left uncompiled: their forward hooks repoint parameters at another tensor
+    on every call, which would recompile or break the graph each time. Returns the compiled blocks.
+    """
+    import os
+
+    backend = check_attention(attention, device)
+    if backend != "native":
+        transformer.set_attention_backend(backend)
+    if not compile_:
+        return []
+    mode = getattr(transformer, "_memory_mode", None)
+    if mode is not None and mode.weights == "fp8":
+        log.warning("--compile: not with fp8 storage (diffusers' layerwise casting cannot be traced); running uncompiled")
+        return []
+    names = set(getattr(transformer, "_repeated_blocks", None) or ())
+    runner = getattr(transformer, "_block_runner", None)
+    swapped = runner.swapped if runner is not None else set()
+    backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
+    compiled = []
+    for i, block in enumerate(transformer.blocks):
+        if type(block).__name__ in names and i not in swapped:
+            block.compile(backend=backend, fullgraph=False)
+            compiled.append(i)
+    log.info("compiled %d of %d blocks (%s); the first step includes the compilation", len(compiled), len(transformer.blocks), backend)
+    return compiled
+
+
+def enable_render_cache(transformer, kind: str = "first-block", threshold: float = 0.05) -> None:
+    """diffusers' first-block cache on the denoiser for sampling (off: nothing).
+
+    At each call the first block runs; when its output's residual changed by less than `threshold`
+    (relative mean absolute change) since the last full call, the other blocks are skipped and their
+    last residual is reused. The sampler names each call (`cache_context`: cond, uncond, or both as one
+    batch), so the conditional and unconditional predictions never share a cache.
+    """
+    if kind == "off":
+        return
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    transformer._render_cache = kind
+
+
+def cfg_fits_batched(model: str, subfolder: str, memory: str, latent: tuple[int, int, int], device: torch.device) -> bool:
+    """Whether the two guidance calls can run as one batch of two: on a GPU when the memory model's
+    render peak for a batch of two fits in the free memory (with plan.budget_for's margin); on the CPU
+    always (host memory is not what limits a CPU render)."""
+    if device.type != "cuda":
+        return True
+    from loraedit import plan
+
+    try:
+        need = plan.cached_predict(transformer_config(model, subfolder), memory, latent, kind="render", cfg_batch=2)["peak_gib"]
+    except Exception as exc:  # noqa: BLE001 — without a prediction, the sequential calls are the safe choice
+        log.warning("memory model failed for batched guidance (%s: %s); guidance runs as two calls", type(exc).__name__, exc)
+        return False
+    free = torch.cuda.mem_get_info(device)[0] / 2**30
+    return need <= plan.budget_for(free)
 
 
 def release_memory() -> None:

@@ -273,6 +273,56 @@ def predict(config: dict, mode_name: str, latent: tuple[int, int, int], kind: st
     return {**out, "mode": mode.name, "kind": kind, "tokens": a["tokens"]}
 
 
+def cache_dir():
+    """Where predictions are kept: $LORAEDIT_CACHE_DIR, else $XDG_CACHE_HOME/loraedit, else ~/.cache/loraedit (+ /plan)."""
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("LORAEDIT_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "loraedit")
+    return Path(root) / "plan"
+
+
+def _code_version() -> str:
+    """The memory model's own code and the libraries it simulates: a change of any makes older predictions stale."""
+    import hashlib
+    from pathlib import Path
+
+    import diffusers
+    import peft
+    import torch
+
+    h = hashlib.sha256(f"{torch.__version__}|{diffusers.__version__}|{peft.__version__}".encode())
+    for f in ("plan.py", "memory.py", "method.py"):
+        h.update((Path(__file__).parent / f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cached_predict(config: dict, mode_name: str, latent: tuple[int, int, int], kind: str = "train", rank: int = 16,
+                   cfg_batch: int = 1, count_flops: bool = False) -> dict:
+    """`predict`, kept on disk keyed by the config, mode, latent size, kind, rank, batch and the code's
+    version: a second run (or `loraedit plan` after an edit) is instant. A cache that cannot be read
+    or written is ignored."""
+    import hashlib
+    import json
+
+    from loraedit.files import read_json, write_json
+
+    args = {"config": {k: v for k, v in sorted(config.items()) if not k.startswith("_")}, "mode": mode_name, "latent": list(latent),
+            "kind": kind, "rank": rank, "cfg_batch": cfg_batch, "flops": count_flops, "code": _code_version()}
+    key = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = cache_dir() / f"{key}.json"
+    try:
+        return read_json(path)["result"]
+    except Exception:  # noqa: BLE001 — absent or unreadable: compute
+        pass
+    result = predict(config, mode_name, latent, kind=kind, rank=rank, cfg_batch=cfg_batch, count_flops=count_flops)
+    try:
+        write_json(path, {"args": args, "result": result})
+    except OSError:
+        pass
+    return result
+
+
 # fastest first: bf16 weights (exact) before fp8 storage (rounds the base weights), swap last
 SPEED_ORDER = ("bf16", "bf16-offload", "fp8", "fp8-offload")
 
@@ -285,20 +335,20 @@ def choose(config: dict, latent: tuple[int, int, int], budget_gib: float, rank: 
     """
     modes = {}
     for name in SPEED_ORDER:
-        modes[name] = predict(config, name, latent, rank=rank, count_flops=False)
+        modes[name] = cached_predict(config, name, latent, rank=rank, count_flops=False)
         if modes[name]["peak_gib"] <= budget_gib:
             return {"chosen": name, "modes": modes}
     n = config["num_layers"]
     for weights in ("bf16", "fp8"):
-        full = predict(config, f"{weights}-swap{n}", latent, rank=rank, count_flops=False)
-        fewer = predict(config, f"{weights}-swap{max(2, n - 1)}", latent, rank=rank, count_flops=False) if n > 3 else full
+        full = cached_predict(config, f"{weights}-swap{n}", latent, rank=rank, count_flops=False)
+        fewer = cached_predict(config, f"{weights}-swap{max(2, n - 1)}", latent, rank=rank, count_flops=False) if n > 3 else full
         per_block = fewer["peak_gib"] - full["peak_gib"]  # device memory of one more resident block
         if full["peak_gib"] > budget_gib:
             modes[full["mode"]] = full
             continue
         keep = int((budget_gib - full["peak_gib"]) / per_block) if per_block > 0 else 0
         name = f"{weights}-swap{max(1, n - keep)}"
-        modes[name] = predict(config, name, latent, rank=rank, count_flops=False)
+        modes[name] = cached_predict(config, name, latent, rank=rank, count_flops=False)
         return {"chosen": name, "modes": modes}
     return {"chosen": None, "modes": modes}
 
@@ -391,12 +441,12 @@ def plan(spec: Spec, gpu_gib: float | None, gpu_name: str | None = None, rank: i
     modes, renders = [], {}
     flop = None
     for name in names:
-        train = predict(spec.config, name, spec.latent, rank=rank, count_flops=flop is None)
+        train = cached_predict(spec.config, name, spec.latent, rank=rank, count_flops=flop is None)
         flop = train["tflop"] if flop is None else flop
         m = parse_mode(name)
         base = m.weights if m.offload and not m.swap else name  # offload is a training matter: render as the base mode
         if base not in renders:
-            renders[base] = predict(spec.config, base, spec.latent, kind="render", rank=rank, count_flops=False)
+            renders[base] = cached_predict(spec.config, base, spec.latent, kind="render", rank=rank, count_flops=False)
         render = renders[base]
         compute_s = flop / (tflops * ASSUMED_MFU)
         # offload moves each block input out and back; swap moves the weights in forward and backward;

@@ -344,6 +344,12 @@ def _exists(value: str | None, what: str, fix: str) -> None:
 EDIT_MODES = ("auto", "mask-aware", "naive")
 _MODE_HELP = ("auto (default): mask-aware for a local edit, naive for a global one (a restyle, a grade; the decision is in "
               "prepare/plan.json); mask-aware; naive: the paper's baseline with the stock first-frame mask")
+ATTENTION_CHOICES = ("auto", "sdpa", "flash", "cudnn", "efficient", "math", "flash-attn", "flash3", "sage", "xformers")
+ATTENTION_HELP = ("attention kernel (diffusers' attention dispatcher): auto (default: PyTorch's SDPA, which picks its own kernel; the "
+                  "fastest measured on an H200), sdpa, flash / cudnn / efficient (PyTorch's kernels, CUDA), math, flash-attn / "
+                  "flash3 / sage / xformers (their packages installed)")
+COMPILE_HELP = ("torch.compile the transformer's repeated blocks (regional compilation; the first step also compiles, about a "
+                "minute on a GPU; not with fp8 memory modes)")
 _MODEL_HELP = "Wan I2V model folder in diffusers layout (or a hub id, where there is network)"
 
 
@@ -419,6 +425,25 @@ class PrepareSettings(Settings):
                            diff_threshold=self.diff_threshold, min_area=self.min_region)
 
 
+def compile_problem(memory: str, compile_: bool, render_cache: str = "off") -> str | None:
+    """Why --compile cannot run with these settings (None: it can); checked before any weights load.
+
+    fp8 storage: diffusers' layerwise casting casts each layer's weights in a forward hook by swapping
+    the module's parameters (`module.to`), which torch.compile cannot trace (the recomputation of a
+    checkpointed block then sees float8 where the forward saw bf16). The render cache's hooks decide
+    per step, from a tensor's value, whether the blocks run at all: data-dependent control flow that
+    breaks the compiled graphs.
+    """
+    if not compile_:
+        return None
+    if memory.startswith("fp8"):
+        return (f"--compile with --memory {memory}: fp8 storage casts each layer's weights in a hook that torch.compile cannot "
+                f"trace; use --memory {memory.replace('fp8', 'bf16')} or leave out --compile")
+    if render_cache != "off":
+        return "--compile with --render-cache: the cache decides per step whether the blocks run, which breaks the compiled graphs; use one of them"
+    return None
+
+
 @dataclass(frozen=True)
 class TrainSettings(Settings):
     """Stages encode + train: what the LoRA learns from the prepared run, and how it is trained."""
@@ -460,7 +485,14 @@ class TrainSettings(Settings):
                                           parse=choice("auto", "on", "off"), group="resources", affects_result=False)
     checkpoint_every: int = setting(25, "save a resumable checkpoint every N steps (default 25)", parse=integer, check=at_least(1),
                                     group="resources", affects_result=False)
+    compile: bool = setting(False, COMPILE_HELP, parse=boolean, group="resources", affects_result=False)
+    attention: str = setting("auto", ATTENTION_HELP, parse=choice(*ATTENTION_CHOICES), group="resources", affects_result=False)
     device: str = setting("auto", "auto (default), cuda, cuda:N or cpu", parse=device, group="resources", affects_result=False)
+
+    def check(self) -> None:
+        problem = compile_problem(self.memory, self.compile)
+        if problem:
+            raise InputError(problem)
 
     def check_files(self) -> None:
         if self.model is None:
@@ -524,7 +556,21 @@ class RenderSettings(Settings):
     # (and any mode can render a LoRA trained in any mode)
     memory: str = setting("auto", MEMORY_HELP,
                           parse=memory, group="resources")
+    compile: bool = setting(False, COMPILE_HELP, parse=boolean, group="resources", affects_result=False)
+    attention: str = setting("auto", ATTENTION_HELP, parse=choice(*ATTENTION_CHOICES), group="resources", affects_result=False)
+    # the cache skips computation, so it changes the result: another render
+    render_cache: str = setting("off", "first-block: diffusers' first-block cache at render (reuses the other blocks' output "
+                                "while the first block's changes little; faster, slightly different; see docs/memory.md)",
+                                parse=choice("off", "first-block"), group="rendering")
+    render_cache_threshold: float = setting(0.05, "--render-cache first-block: relative change of the first block's output "
+                                            "below which a step reuses the cache (default 0.05; higher skips more)",
+                                            parse=number, check=above(0), group="rendering")
     device: str = setting("auto", "auto (default), cuda, cuda:N or cpu", parse=device, group="resources", affects_result=False)
+
+    def check(self) -> None:
+        problem = compile_problem(self.memory, self.compile, self.render_cache)
+        if problem:
+            raise InputError(problem)
 
     def check_files(self) -> None:
         if self.model is None:
