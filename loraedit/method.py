@@ -197,9 +197,39 @@ def expert_at(t: torch.Tensor | float, boundary: float | None) -> str:
     return HIGH_NOISE if boundary is None or float(t) >= boundary else LOW_NOISE
 
 
+def _cache_context(model, name: str):
+    """diffusers' cache_context(name) when a render cache is on (loraedit.models.enable_render_cache), so
+    each kind of call (cond, uncond, or both batched) keeps its own cache; else nothing."""
+    import contextlib
+
+    return model.cache_context(name) if getattr(model, "_render_cache", None) else contextlib.nullcontext()
+
+
+def guided_velocity(model, x, condition, t, text, negative_text, image, scale: float, batch_cfg: bool) -> torch.Tensor:
+    """Classifier-free guidance v_u + scale·(v_c - v_u) at one step, x (B, C, T, h, w) → (B, C, T, h, w).
+
+    batch_cfg: the conditional and the unconditional call as one call on a batch of two (one pass over
+    the weights instead of two, the same numbers up to kernel rounding); needs both texts the same length.
+    """
+    if batch_cfg and text.shape == negative_text.shape:
+        B = x.shape[0]
+        both = torch.cat([text, negative_text.to(text)])
+        img = None if image is None else torch.cat([image, image])
+        with _cache_context(model, "cond+uncond"):
+            v2 = predict_velocity(model, torch.cat([x, x]), torch.cat([condition, condition]), t, both, img, is_timestep=True)
+        v, v_uncond = v2[:B], v2[B:]
+    else:
+        with _cache_context(model, "cond"):
+            v = predict_velocity(model, x, condition, t, text, image, is_timestep=True)
+        with _cache_context(model, "uncond"):
+            v_uncond = predict_velocity(model, x, condition, t, negative_text, image, is_timestep=True)
+    return v_uncond + scale * (v - v_uncond)
+
+
 @torch.no_grad()
 def sample_latents(transformer, scheduler, noise, condition, text, negative_text, image, steps: int,
-                   guidance: float, on_step=None, boundary: float | None = None, guidance_2: float | None = None) -> torch.Tensor:
+                   guidance: float, on_step=None, boundary: float | None = None, guidance_2: float | None = None,
+                   batch_cfg: bool = False) -> torch.Tensor:
     """Denoise `noise` (B, C, T, h, w) to clean latents with classifier-free guidance.
 
     The same loop as diffusers' WanImageToVideoPipeline (so without a LoRA and with the stock
@@ -209,6 +239,7 @@ def sample_latents(transformer, scheduler, noise, condition, text, negative_text
     decrease, so the high-noise expert is asked for first and the low-noise one once after it;
     the caller frees the first when it loads the second). guidance_2: the low-noise expert's
     scale (None = `guidance`, as diffusers); guidance is on for both when `guidance` > 1.
+    batch_cfg: the two guidance calls as one batch of two (`guided_velocity`).
     """
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise
@@ -220,10 +251,11 @@ def sample_latents(transformer, scheduler, noise, condition, text, negative_text
             name, model = expert_at(t, boundary), None  # drop our reference so the caller can free the old expert
             model = transformer(name)
         scale = guidance if name != LOW_NOISE or guidance_2 is None else guidance_2
-        v = predict_velocity(model, x, condition, t, text, image, is_timestep=True)
         if guidance > 1.0:
-            v_uncond = predict_velocity(model, x, condition, t, negative_text, image, is_timestep=True)
-            v = v_uncond + scale * (v - v_uncond)
+            v = guided_velocity(model, x, condition, t, text, negative_text, image, scale, batch_cfg)
+        else:
+            with _cache_context(model, "cond"):
+                v = predict_velocity(model, x, condition, t, text, image, is_timestep=True)
         x = scheduler.step(v, t, x, return_dict=False)[0]
         if on_step is not None:
             on_step(i)
