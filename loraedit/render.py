@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from loraedit import family, method
-from loraedit.models import (tile_if_needed, load_scheduler, load_trained_lora, load_transformer, load_vae, lora_folders, memory_mode, model_family,
-                             peak_memory_gb, release_memory)
+from loraedit.models import (cfg_fits_batched, check_attention, enable_render_cache, tile_if_needed, load_scheduler, load_trained_lora,
+                             load_transformer, load_vae, lora_folders, memory_mode, model_family, peak_memory_gb, release_memory, speed_up)
 from loraedit.files import write_json
 from loraedit.settings import RenderSettings
 from loraedit.video import write_png, write_video
@@ -86,8 +86,12 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    memory = memory_mode(args.memory, device, args.model, tuple(cache["x0"].shape[2:]), kind="render")
+    check_attention(args.attention, device)  # before any weights load
+    latent = tuple(cache["x0"].shape[2:])
+    memory = memory_mode(args.memory, device, args.model, latent, kind="render")
     fam = model_family(args.model)
+    # guidance's two calls as one batch of two where the memory model says it fits (one pass over the weights)
+    batch_cfg = args.guidance > 1.0 and cfg_fits_batched(args.model, fam.experts[0], memory, latent, device)
     folders = lora_folders(run_dir, fam)
     held: dict[str, torch.nn.Module] = {}
 
@@ -102,6 +106,8 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
         else:
             log.warning("no trained LoRA in %s: the %s renders with its base weights", folders[name],
                         f"{family.EXPERT_NAMES[name].replace('_', '-')} expert" if fam.two_experts else "model")
+        enable_render_cache(transformer, args.render_cache, args.render_cache_threshold)
+        speed_up(transformer, device, args.attention, args.compile)
         held[name] = transformer
         return transformer
 
@@ -117,7 +123,7 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
     latents = method.sample_latents(
         expert if fam.two_experts else expert(family.HIGH), scheduler, noise, cond, cache.get("text_edit", cache["text"]).to(device),
         cache["negative_text"].to(device), None if image is None else image.to(device), args.render_steps, args.guidance,
-        on_step=lambda i: bar.update(1), boundary=fam.boundary_timestep, guidance_2=args.guidance_2,
+        on_step=lambda i: bar.update(1), boundary=fam.boundary_timestep, guidance_2=args.guidance_2, batch_cfg=batch_cfg,
     )
     bar.close()
     peak = peak_memory_gb(device)
@@ -143,5 +149,5 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
     write_video(out_dir / "side_by_side.mp4", np.concatenate([source, frames], axis=2), fps)
     write_png(out_dir / "contact_sheet.png", contact_sheet([source, frames]))
     write_json(out_dir / "settings.json", record if record is not None else args.to_dict())  # last: marks it complete
-    return {"seconds": time.perf_counter() - t0, "peak_memory_gb": peak, "dir": str(out_dir), "seed": args.seed,
+    return {"seconds": time.perf_counter() - t0, "peak_memory_gb": peak, "dir": str(out_dir), "seed": args.seed, "batched_guidance": batch_cfg,
             "steps": args.render_steps, "guidance": args.guidance, "shift": args.shift}

@@ -27,8 +27,8 @@ from loraedit.errors import InputError
 from loraedit.files import atomic_output, canonical_safetensors, read_json, sha256_file, write_json
 from loraedit import family
 from loraedit.settings import TrainSettings
-from loraedit.models import (add_lora, load_transformer, lora_folders, lora_parameters, memory_mode, model_family, peak_memory_gb,
-                             release_memory, save_lora, setup_training, wan_lora_name)
+from loraedit.models import (add_lora, check_attention, load_transformer, lora_folders, lora_parameters, memory_mode, model_family, peak_memory_gb,
+                             release_memory, save_lora, setup_training, speed_up, wan_lora_name)
 
 log = logging.getLogger("loraedit")
 
@@ -212,11 +212,13 @@ def train_expert(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tens
     if total == 0:
         return {"total": 0, "seconds": 0.0}
 
+    check_attention(args.attention, device)  # before any weights load
     memory = memory_mode(args.memory, device, args.model, tuple(cache["x0"].shape[2:]))
     transformer = load_transformer(args.model, device, memory, subfolder=expert)
     add_lora(transformer, args.rank, args.alpha, args.lora_targets, seed=args.seed)
     # checkpointing (and activation offload / block swap) as the memory mode says; --gradient-checkpointing overrides
     setup_training(transformer, device, {"on": True, "off": False}.get(args.gradient_checkpointing, device.type == "cuda" or None))
+    speed_up(transformer, device, args.attention, args.compile)
     transformer.train()
     params = lora_parameters(transformer)
     optimizer = make_optimizer(params.values(), args.lr, args.weight_decay)
