@@ -45,9 +45,24 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L40S"
 
 
 def rows_for(tiny: bool) -> list[dict]:
-    """Every row, in order of value. Each: what to run and the estimated seconds it takes on an H100."""
+    """Every row, in order of value. Each: what to run and the estimated seconds it takes on an H100.
+
+    The `speed` rows (compile, batched guidance, render cache, TI2V at 49 frames, swap40) come first:
+    the rows after them were measured on an H200 already (bench/results/gpu_check_2026-11-26_H200*.json),
+    so `--rows speed` runs just the new ones, most valuable first, and a short budget cuts the least.
+    """
     m = "tiny" if tiny else "wan2.1-i2v-14b-480p"
+    ti2v = "tiny-ti2v" if tiny else "wan2.2-ti2v-5b"
     r = [
+        # one process: the same model, one timed step uncompiled, then compiled (compile time apart)
+        dict(name="speed: train bf16 compile vs not", kind="train", model=m, mode="bf16", compile=True, steps=1, est=110),
+        # one process: sequential guidance, one batch of two, then with the first-block cache
+        dict(name="speed: render bf16 batched CFG + cache", kind="render", model=m, mode="bf16", variants=["sequential", "batched", "cache"],
+             steps=2, est=55),
+        dict(name="speed: ti2v5b train bf16 49x1280x704", kind="train", model=ti2v, mode="bf16", frames=49, steps=2, est=30),
+        dict(name="speed: ti2v5b render bf16 49x1280x704", kind="render", model=ti2v, mode="bf16", frames=49, variants=["sequential", "batched"],
+             steps=2, est=30),
+        dict(name="speed: train bf16-swap40", kind="train", model=m, mode="bf16-swap40", steps=2, est=50),
         dict(name="train bf16", kind="train", model=m, mode="bf16", est=35),
         dict(name="train bf16-offload", kind="train", model=m, mode="bf16-offload", est=35),
         dict(name="train fp8", kind="train", model=m, mode="fp8", est=35),
@@ -63,6 +78,14 @@ def rows_for(tiny: bool) -> list[dict]:
         dict(name="train bf16-swap40", kind="train", model=m, mode="bf16-swap40", est=50),
     ]
     return r
+
+
+def row_spec(row: dict):
+    """model_spec of the row's model, with the row's own frame count where it names one."""
+    cfg, vf, frames, size = model_spec(row["model"])
+    if row.get("frames") and not row["model"].startswith("tiny"):
+        frames = row["frames"]
+    return cfg, vf, frames, size
 
 
 def model_spec(name: str):
@@ -178,7 +201,7 @@ def run_train(row, device, steps: int, warmup: int) -> dict:
 
     from loraedit import models, train
 
-    cfg, vf, frames, size = model_spec(row["model"])
+    cfg, vf, frames, size = row_spec(row)
     mode_name = row["mode"]
     if row.get("cap_gib") and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -214,17 +237,38 @@ def run_train(row, device, steps: int, warmup: int) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
-    for s in range(warmup + steps):
-        _sync(device)
-        t = time.perf_counter()
-        losses.append(step(s))
-        _sync(device)
-        if s >= warmup:
+    steps = row.get("steps", steps)
+    losses = []
+
+    def timed(first: int, n: int) -> list[float]:
+        times = []
+        for s in range(first, first + n):
+            _sync(device)
+            t = time.perf_counter()
+            losses.append(step(s))
+            _sync(device)
             times.append(time.perf_counter() - t)
+        return times
+
+    times = timed(0, warmup + steps)[warmup:]
     out.update(_mem(device))
     out["s_per_step"] = sorted(times)[len(times) // 2]
     out["step_times"] = times
+    if row.get("compile"):  # the same model and optimizer, now with its repeated blocks compiled
+        from loraedit import models as _models
+
+        out["uncompiled_s_per_step"] = out["s_per_step"]
+        out["uncompiled_peak_gib"] = out.get("peak_gib")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out["compiled_blocks"] = len(_models.speed_up(model, device, "auto", True))
+        first = timed(warmup + steps, 1)[0]  # compiles forward and backward graphs
+        times = timed(warmup + steps + 1, steps)
+        out["compile_s"] = first - out["uncompiled_s_per_step"]
+        out.update(_mem(device))
+        out["s_per_step"] = sorted(times)[len(times) // 2]
+        out["step_times"] = times
+        out["speedup"] = out["uncompiled_s_per_step"] / out["s_per_step"]
     out["loss_finite"] = all(map(lambda v: v == v and abs(v) != float("inf"), losses))
     runner = getattr(model, "_block_runner", None)
     if runner is not None:
@@ -263,29 +307,55 @@ def run_render(row, device, steps: int) -> dict:
 
     from loraedit import method
 
-    cfg, vf, frames, size = model_spec(row["model"])
+    cfg, vf, frames, size = row_spec(row)
     _reset(device)
     model, mode = _build(cfg, row["mode"], device, for_training=True)  # a LoRA as at render (unfused)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     x0, cond, text, image, tokens = _inputs(cfg, vf, frames, size, device, mode.compute_dtype)
-    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    if cond is None:  # TI2V: a token condition (keep channel + condition latents), the stock first-frame keep
+        keep = method.ti2v_stock_keep(frames, x0.shape[3], x0.shape[4]).to(device)
+        cond = method.ti2v_condition(torch.randn_like(x0), keep)
+    negative = torch.randn_like(text)
     noise = torch.randn_like(x0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    marks = []
+    out = {"mode": row["mode"], "tokens": tokens, "frames": frames, "size": f"{size[0]}x{size[1]}"}
+    steps = row.get("steps", steps)
+    ran = {"tail": 0, "head": 0}  # block calls that computed (the cache skips the tail blocks' work)
+    model.blocks[0].ffn.register_forward_hook(lambda *a: ran.__setitem__("head", ran["head"] + 1))
+    model.blocks[-1].ffn.register_forward_hook(lambda *a: ran.__setitem__("tail", ran["tail"] + 1))
+    results = {}
+    for variant in row.get("variants", ["sequential"]):
+        if variant == "cache":
+            from loraedit import models as _models
 
-    def on_step(i):
+            _models.enable_render_cache(model, "first-block", 0.05)
+        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+        _reset(device)
+        ran.update(tail=0, head=0)
+        marks = []
+
+        def on_step(i):
+            _sync(device)
+            marks.append(time.perf_counter())
+
         _sync(device)
-        marks.append(time.perf_counter())
-
-    _sync(device)
-    t0 = time.perf_counter()
-    method.sample_latents(model, sched, noise, cond, text, text, image, 1 + steps, 5.0, on_step=on_step)
-    times = [b - a for a, b in zip([t0] + marks[:-1], marks)][1:]
-    out = {"mode": row["mode"], "tokens": tokens, "s_per_step": sorted(times)[len(times) // 2], "step_times": times}
-    out.update(_mem(device))
+        t0 = time.perf_counter()
+        try:
+            # a warm-up step, then `steps` timed ones; the cache variant runs a whole short schedule
+            n = 1 + steps if variant != "cache" else max(1 + steps, 6)
+            method.sample_latents(model, sched, noise, cond, text, negative, image, n, 5.0, on_step=on_step,
+                                  batch_cfg=variant != "sequential")
+        except torch.OutOfMemoryError as exc:
+            results[variant] = {"status": "OOM", "error": str(exc).splitlines()[0][:200], **_mem(device)}
+            continue
+        times = [b - a for a, b in zip([t0] + marks[:-1], marks)][1:]
+        results[variant] = {"s_per_step": sorted(times)[len(times) // 2], "step_times": times, **_mem(device),
+                            "tail_runs_per_head_run": ran["tail"] / max(1, ran["head"])}
+    out["variants"] = results
+    base = results.get(row.get("variants", ["sequential"])[0], {})
+    out["s_per_step"] = base.get("s_per_step", float("nan"))
+    out.update({k: v for k, v in base.items() if k.endswith("gib")})
     return out
 
 
@@ -399,24 +469,36 @@ PREDICTIONS = ROOT / "bench" / "results" / "gpu_check_predictions.json"
 
 
 def pred_key(row: dict) -> str:
-    return f"{row['model']}|{row['kind']}|{row.get('mode')}"
+    return f"{row['model']}|{row['kind']}|{row.get('mode')}" + (f"|{row['frames']}" if row.get("frames") else "")
 
 
 def predict(row: dict, predictions: dict) -> dict | None:
     """The memory model's prediction for a row, from the predictions file (computed beforehand on a
     CPU with --write-predictions, so the GPU's time is spent measuring)."""
-    return predictions.get("rows", {}).get(pred_key(row))
+    rows = predictions.get("rows", {})
+    pred = rows.get(pred_key(row))
+    if pred is not None and pred_key(row) + "|cfg2" in rows:
+        pred = {**pred, "cfg2": rows[pred_key(row) + "|cfg2"]}
+    return pred
 
 
 def write_predictions(path: Path, tiny: bool) -> None:
     """Run the memory model for every train/render row (and the capped rows' choices); CPU only."""
     from loraedit import plan
 
-    out = {"rows": {}, "choose": {}}
+    out = json.loads(path.read_text()) if path.is_file() else {"rows": {}, "choose": {}}  # keep what is there: add the missing rows
     for row in rows_for(tiny):
         if row["kind"] not in ("train", "render"):
             continue
-        cfg, vf, frames, (W, H) = model_spec(row["model"])
+        if row["kind"] == "render" and "batched" in row.get("variants", ()):
+            cfg, vf, frames, (W, H) = row_spec(row)
+            key = pred_key(row) + "|cfg2"
+            if key not in out["rows"]:
+                out["rows"][key] = plan.predict(cfg, row["mode"], ((frames - 1) // 4 + 1, H // vf, W // vf), kind="render", cfg_batch=2)
+                print(row["name"], "batched CFG", out["rows"][key], flush=True)
+        if pred_key(row) in out["rows"] and row.get("mode") != "auto":
+            continue
+        cfg, vf, frames, (W, H) = row_spec(row)
         latent = ((frames - 1) // 4 + 1, H // vf, W // vf)
         if row.get("mode") == "auto":
             chosen = plan.choose(cfg, latent, row["target_gib"])
@@ -436,10 +518,21 @@ def fmt(row: dict, res: dict, pred: dict | None) -> str:
     if st != "ok":
         return f"{name:44} {st}: {res.get('error', '')[:100]}"
     p = "" if not pred or "error" in pred else f"   predicted peak {pred.get('peak_gib', float('nan')):6.1f} GiB"
+    if pred and pred.get("cfg2"):
+        p += f" (batched CFG {pred['cfg2'].get('peak_gib', float('nan')):.1f})"
     if row["kind"] in ("train", "render"):
         peak = res.get("peak_gib", res.get("host_peak_gib", float("nan")))
         mfu = f"  MFU {res['mfu'] * 100:4.1f}%" if "mfu" in res else ""
-        return f"{name:44} {res['s_per_step']:8.3f} s/step  peak {peak:6.1f} GiB{mfu}{p}"
+        extra = ""
+        if "compile_s" in res:
+            extra = (f"  (uncompiled {res['uncompiled_s_per_step']:.3f} s/step, compile {res['compile_s']:.0f} s, "
+                     f"{res['speedup']:.2f}x, {res['compiled_blocks']} blocks)")
+        if "variants" in res:
+            extra = "  " + "  ".join(
+                f"{k}: {v['s_per_step']:.3f} s/step {v.get('peak_gib', v.get('host_peak_gib', 0)):.1f} GiB"
+                + (f" tail ran {v['tail_runs_per_head_run']:.0%}" if k == "cache" else "") if "s_per_step" in v else f"{k}: {v.get('status')}"
+                for k, v in res["variants"].items())
+        return f"{name:44} {res['s_per_step']:8.3f} s/step  peak {peak:6.1f} GiB{mfu}{p}{extra}"
     if row["kind"] == "attention":
         return f"{name:44} " + "  ".join(f"{b}: {v['block_fwd_bwd_s'] * 1000:.1f} ms" if "block_fwd_bwd_s" in v else f"{b}: n/a"
                                          for b, v in res["backends"].items())

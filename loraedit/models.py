@@ -69,6 +69,35 @@ def memory_mode(requested: str, device: torch.device, model: str | None = None, 
         return "bf16" if free >= 48 else "fp8-offload"
 
 
+def plan_lines(model: str, frames: int, width: int, height: int, free_gib: float, gpu_name: str | None = None) -> list[str]:
+    """The memory plan's short table for this clip: each mode's predicted training and render peak,
+    whether it fits in `free_gib`, and the mode --memory auto takes (predictions are cached on disk,
+    so a second run prints it at once)."""
+    from loraedit import plan
+
+    p = plan.plan(plan.spec_for(model, f"{width}x{height}", frames), free_gib, gpu_name)
+    lines = [f"memory plan: {p['frames']} frames {p['size']} ({p['tokens']} tokens), {free_gib:.1f} GiB free on "
+             f"{gpu_name or 'the GPU'} → {p['budget_gib']:.1f} GiB for tensors"]
+    for m in p["modes"]:
+        lines.append(f"  {m['name']:14} train {m['train_peak_gib']:6.1f} GiB  render {m['render_peak_gib']:6.1f} GiB  "
+                     + ("fits" if m["fits"] else "does not fit"))
+    lines.append(f"  --memory auto takes {p['chosen'] or 'none (use a smaller --size or fewer --frames)'}")
+    return lines
+
+
+def log_plan(model: str, prepared_plan: dict, device: torch.device) -> None:
+    """On a GPU, log the memory plan's short table (at the start of train and edit); never fails a run."""
+    if device.type != "cuda":
+        return
+    try:
+        free = torch.cuda.mem_get_info(device)[0] / 2**30
+        for line in plan_lines(model, prepared_plan["frames"], prepared_plan["width"], prepared_plan["height"], free,
+                               torch.cuda.get_device_name(device)):
+            log.info(line)
+    except Exception as exc:  # noqa: BLE001 — the table is information, not a step of the run
+        log.warning("memory plan not shown (%s: %s)", type(exc).__name__, exc)
+
+
 def fitting_mode(requested: str, config: dict, latent: tuple[int, int, int], kind: str, free_gib: float) -> str:
     """'auto' → the fastest mode predicted to fit in `free_gib`; an explicit mode → itself if it fits."""
     from loraedit import plan

@@ -381,6 +381,19 @@ class Spec:
     experts: int = 1
 
 
+def _own_working_size(folder) -> tuple[tuple[int, int], int] | None:
+    """((W, H), frames) a model folder was trained at where it is not its family's: the bundled toy model's
+    (loraedit.demo's settings, which `loraedit demo` and the toy's model card use)."""
+    from pathlib import Path
+
+    from loraedit import demo
+
+    if Path(folder).resolve() == demo.TOY_MODEL.resolve():
+        W, H = (int(v) for v in demo.DEMO["size"].split("x"))
+        return (W, H), int(demo.DEMO["frames"])
+    return None
+
+
 def spec_for(model: str, size: str | None, frames: int | None) -> Spec:
     """A model folder (config files are enough, no weights) or a known name → Spec."""
     import json
@@ -407,6 +420,9 @@ def spec_for(model: str, size: str | None, frames: int | None) -> Spec:
         config = json.loads(cfg_path.read_text())
         spatial, default_size, experts, name = fam.spatial, fam.default_size, len(fam.experts), f"{fam.name} ({p.name})"
         default_frames = 121 if fam.expand_timesteps else 49
+        own = _own_working_size(p)
+        if own is not None:  # a model trained at its own size (the bundled toy model): plan for that, not the family's
+            default_size, default_frames = own
     if size:
         try:
             W, H = (int(v) for v in size.lower().split("x"))
@@ -469,6 +485,11 @@ def plan(spec: Spec, gpu_gib: float | None, gpu_name: str | None = None, rank: i
 HOST_BASE_GIB = 4.0  # the process itself: Python, torch, CUDA libraries, the encoded cache
 
 
+def _gib(v: float, width: int) -> str:
+    """GiB with the decimals a small model needs (a toy model's peaks are hundredths of a GiB)."""
+    return f"{v:{width}.1f}" if v >= 1 else f"{v:{width}.3f}"
+
+
 def format_plan(p: dict) -> str:
     lines = [f"{p['model']} · {p['frames']} frames {p['size']} ({p['tokens']} tokens) · "
              + (f"GPU {p['gpu_memory_gib']:.1f} GiB free → {p['budget_gib']:.1f} GiB for tensors" if p["gpu_memory_gib"] else "no GPU memory given")
@@ -477,7 +498,8 @@ def format_plan(p: dict) -> str:
              ]
     for m in p["modes"]:
         fits = "-" if m["fits"] is None else ("yes" if m["fits"] else "no")
-        lines.append(f"{m['name']:14} {m['train_peak_gib']:8.1f} G {m['render_peak_gib']:9.1f} G {m['host_ram_gib']:7.1f} G {m['step_s']:8.1f}  {fits}")
+        lines.append(f"{m['name']:14} {_gib(m['train_peak_gib'], 8)} G {_gib(m['render_peak_gib'], 9)} G {m['host_ram_gib']:7.1f} G "
+                     f"{m['step_s']:8.2f}  {fits}")
     lines.append(f"* estimated on {p['gpu']} at {ASSUMED_MFU:.0%} of its bf16 peak; peaks are live tensors "
                  f"(torch.cuda.max_memory_allocated), predicted from one simulated step")
     if p["gpu_memory_gib"]:

@@ -150,3 +150,55 @@ def test_plan_results_are_cached_on_disk(tmp_path, monkeypatch):
     assert plan.cached_predict(cfg, "bf16", (2, 8, 8), kind="render", cfg_batch=2) == first and calls == []
     plan.cached_predict(cfg, "bf16", (3, 8, 8), kind="render", cfg_batch=2)  # another latent size is another entry
     assert len(calls) == 1
+
+
+def test_plan_table_for_the_clip_and_the_toy_models_own_size(tmp_path, monkeypatch, tiny_model):
+    from loraedit import demo, plan
+
+    monkeypatch.setenv("LORAEDIT_CACHE_DIR", str(tmp_path))
+    peaks = {"bf16": 30.0, "bf16-offload": 23.0, "fp8": 20.0, "fp8-offload": 12.0}  # a card where bf16 does not fit
+    calls = []
+
+    def fake_predict(config, mode, latent, kind="train", **_):
+        calls.append((mode, kind))
+        peak = peaks.get(mode, 5.0) * (0.5 if kind == "render" else 1.0)
+        return {"peak_gib": peak, "weights_gib": 1.0, "host_gib": 0.0, "tflop": 1.0, "moved_gib": 0.0, "offloaded_gib": 0.0,
+                "tokens": 120, "mode": mode, "kind": kind}
+
+    monkeypatch.setattr(plan, "predict", fake_predict)
+    lines = models.plan_lines(str(tiny_model), 5, 64, 48, 24.0, "NVIDIA L4")
+    assert lines[0].startswith("memory plan: 5 frames 64x48 (120 tokens), 24.0 GiB free on NVIDIA L4 → 21.8 GiB")
+    rows = {line.split()[0]: line for line in lines[1:-1]}
+    assert rows["bf16"].endswith("does not fit") and "train   30.0 GiB  render   15.0 GiB" in rows["bf16"]
+    assert rows["fp8"].endswith(" fits") and lines[-1] == "  --memory auto takes fp8"
+    n = len(calls)
+    assert models.plan_lines(str(tiny_model), 5, 64, 48, 24.0, "NVIDIA L4") == lines and len(calls) == n  # from the cache
+    # the bundled toy model plans at the size it was trained at, not Wan2.1's 832x480 x 49
+    spec = plan.spec_for(str(demo.TOY_MODEL), None, None)
+    assert (spec.size, spec.frames) == ((128, 128), 17)
+    assert plan.spec_for(str(demo.TOY_MODEL), "256x128", 9).size == (256, 128)
+
+
+def test_gpu_check_speed_rows_run_on_a_tiny_config(tmp_path, monkeypatch):
+    """The rows of the GPU run: compile vs not in one process, sequential / batched / cached render, TI2V render."""
+    import json
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv(models.COMPILE_BACKEND_ENV, "aot_eager")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import gpu_check
+
+    out = tmp_path / "g.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--tiny", "--in-process", "--steps", "1", "--out", str(out),
+                                      "--rows", "speed: train bf16 compile,speed: render,speed: ti2v5b render"])
+    gpu_check.main()
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert [r["status"] for r in rows.values()] == ["ok"] * 3, rows
+    comp = rows["speed: train bf16 compile vs not"]
+    assert comp["compiled_blocks"] == 4 and comp["compile_s"] > 0 and comp["uncompiled_s_per_step"] > 0 and comp["loss_finite"]
+    render = rows["speed: render bf16 batched CFG + cache"]["variants"]
+    assert set(render) == {"sequential", "batched", "cache"} and all(v["s_per_step"] > 0 for v in render.values())
+    assert render["sequential"]["tail_runs_per_head_run"] == 1.0 and 0 < render["cache"]["tail_runs_per_head_run"] <= 1.0
+    assert set(rows["speed: ti2v5b render bf16 49x1280x704"]["variants"]) == {"sequential", "batched"}
+    assert "compile" in (out.with_suffix(".log")).read_text()
