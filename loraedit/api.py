@@ -297,10 +297,12 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
     with runstate.run_lock(run_dir, "train"):
         from loraedit import manifest
         from loraedit import train as stage
+        from loraedit.models import log_plan
 
         _require_prepared(run_dir)  # said first: without a prepared run, a missing --model is not the problem
         s, device = _ready(run_dir, s)
         prepared = _prepared(run_dir)
+        log_plan(s.model, prepared["plan"], device)  # what fits this clip on this GPU, before anything loads
         hashes = runstate.prepared_hashes(prepared)
         negative = recorded_settings(run_dir, RenderSettings).get("negative_prompt")
         es = _encode_settings(s.model, s, negative, _prompts(run_dir, s, prepared, device))
