@@ -55,13 +55,13 @@ def rows_for(tiny: bool) -> list[dict]:
     ti2v = "tiny-ti2v" if tiny else "wan2.2-ti2v-5b"
     r = [
         # one process: the same model, one timed step uncompiled, then compiled (compile time apart)
-        dict(name="speed: train bf16 compile vs not", kind="train", model=m, mode="bf16", compile=True, steps=1, est=110),
+        dict(name="speed: train bf16 compile vs not", kind="train", model=m, mode="bf16", compile=True, steps=1, est=100),
         # one process: sequential guidance, one batch of two, then with the first-block cache
         dict(name="speed: render bf16 batched CFG + cache", kind="render", model=m, mode="bf16", variants=["sequential", "batched", "cache"],
-             steps=2, est=55),
+             steps=1, est=50),
         dict(name="speed: ti2v5b train bf16 49x1280x704", kind="train", model=ti2v, mode="bf16", frames=49, steps=2, est=30),
         dict(name="speed: ti2v5b render bf16 49x1280x704", kind="render", model=ti2v, mode="bf16", frames=49, variants=["sequential", "batched"],
-             steps=2, est=30),
+             steps=1, est=25),
         dict(name="speed: train bf16-swap40", kind="train", model=m, mode="bf16-swap40", steps=2, est=50),
         dict(name="train bf16", kind="train", model=m, mode="bf16", est=35),
         dict(name="train bf16-offload", kind="train", model=m, mode="bf16-offload", est=35),
@@ -257,6 +257,8 @@ def run_train(row, device, steps: int, warmup: int) -> dict:
     if row.get("compile"):  # the same model and optimizer, now with its repeated blocks compiled
         from loraedit import models as _models
 
+        _save_partial(out)  # if compiling runs past the row's time, the uncompiled figures still come back
+
         out["uncompiled_s_per_step"] = out["s_per_step"]
         out["uncompiled_peak_gib"] = out.get("peak_gib")
         if device.type == "cuda":
@@ -279,6 +281,12 @@ def run_train(row, device, steps: int, warmup: int) -> dict:
     if peak:
         out["mfu"] = flops / out["s_per_step"] / (peak * 1e12)
     return out
+
+
+def _save_partial(out: dict) -> None:
+    path = os.environ.get("GPU_CHECK_PARTIAL")
+    if path:
+        Path(path).write_text(json.dumps({"partial": True, **out}, default=str))
 
 
 def _step_flops(cfg, tokens: int, image: bool) -> float:
@@ -343,7 +351,7 @@ def run_render(row, device, steps: int) -> dict:
         t0 = time.perf_counter()
         try:
             # a warm-up step, then `steps` timed ones; the cache variant runs a whole short schedule
-            n = 1 + steps if variant != "cache" else max(1 + steps, 6)
+            n = 1 + steps if variant != "cache" else max(1 + steps, 4)
             method.sample_latents(model, sched, noise, cond, text, negative, image, n, 5.0, on_step=on_step,
                                   batch_cfg=variant != "sequential")
         except torch.OutOfMemoryError as exc:
@@ -516,7 +524,8 @@ def fmt(row: dict, res: dict, pred: dict | None) -> str:
     st = res.get("status")
     name = row["name"] + (f" [{res.get('mode')}]" if row.get("mode") == "auto" and res.get("mode") else "")
     if st != "ok":
-        return f"{name:44} {st}: {res.get('error', '')[:100]}"
+        got = f" (before it: {res['s_per_step']:.3f} s/step uncompiled)" if "s_per_step" in res else ""
+        return f"{name:44} {st}: {res.get('error', '')[:100]}{got}"
     p = "" if not pred or "error" in pred else f"   predicted peak {pred.get('peak_gib', float('nan')):6.1f} GiB"
     if pred and pred.get("cfg2"):
         p += f" (batched CFG {pred['cfg2'].get('peak_gib', float('nan')):.1f})"
@@ -561,6 +570,7 @@ def main() -> None:
     a = ap.parse_args()
 
     if a.row is not None:  # child
+        os.environ["GPU_CHECK_PARTIAL"] = a.result + ".partial"
         res = run_row(json.loads(a.row), a.device, a.steps, 1)
         Path(a.result).write_text(json.dumps(res))
         return
@@ -637,8 +647,10 @@ def main() -> None:
                 if proc.stderr.strip():
                     logf.write(f"--- stderr of {row['name']}:\n{proc.stderr[-4000:]}\n")
             except subprocess.TimeoutExpired:
-                res = {"status": "timeout", "error": f"over {left:.0f} s"}
+                partial = Path(str(res_path) + ".partial")
+                res = {**(json.loads(partial.read_text()) if partial.is_file() else {}), "status": "timeout", "error": f"over {left:.0f} s"}
             res_path.unlink(missing_ok=True)
+            Path(str(res_path) + ".partial").unlink(missing_ok=True)
         res["row_s"] = time.perf_counter() - t
         if res.get("status") == "ok" and row["kind"] == "train" and not row.get("cap_gib") and row["model"] in ("tiny", "wan2.1-i2v-14b-480p"):
             measured[row["mode"]] = res.get("peak_gib", res.get("host_peak_gib"))
