@@ -443,6 +443,10 @@ def speed_up(transformer, device: torch.device, attention: str = "auto", compile
     backend = check_attention(attention, device)
     if backend != "native":
         transformer.set_attention_backend(backend)
+    else:  # diffusers also makes a set backend the process's default: undo an earlier model's choice
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+        _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
     if not compile_:
         return []
     mode = getattr(transformer, "_memory_mode", None)

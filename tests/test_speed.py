@@ -78,8 +78,14 @@ def test_attention_backend_refused_on_this_machine_and_math_matches_sdpa():
         ref = model(**args)[0]
         models.speed_up(model, CPU, "math")
         out = model(**args)[0]
-    assert model.blocks[0].attn1.processor._attention_backend == "_native_math"
-    assert torch.allclose(out, ref, atol=1e-5)
+        assert model.blocks[0].attn1.processor._attention_backend == "_native_math"
+        assert torch.allclose(out, ref, atol=1e-5)
+        # diffusers made math the process's default too; the next model on auto is back on SDPA
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        assert _AttentionBackendRegistry.get_active_backend()[0] == "_native_math"
+        models.speed_up(WanTransformer3DModel(**cfg), CPU, "auto")
+        assert _AttentionBackendRegistry.get_active_backend()[0] == "native"
 
 
 def _bf16(cfg, seed):
