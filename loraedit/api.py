@@ -89,13 +89,15 @@ def _loaded_libraries() -> None:
 def _ready(run_dir: Path, s):
     """Settings of a stage on a run: the run's model filled in, input files and model folder checked
     (one line each), the libraries quieted, the device resolved."""
-    from loraedit.models import resolve_device
+    from loraedit.models import check_attention, resolve_device
 
     s = _with_run_model(run_dir, s)
     s.check_files()
     _loaded_libraries()
     s = s.replace(model=_check_model(s.model))
-    return s, resolve_device(s.device)
+    device = resolve_device(s.device)
+    check_attention(s.attention, device)  # an attention kernel this machine lacks: one line before any model loads
+    return s, device
 
 
 def _no_model(settings: dict) -> dict:

@@ -485,7 +485,7 @@ class TrainSettings(Settings):
                                           parse=choice("auto", "on", "off"), group="resources", affects_result=False)
     checkpoint_every: int = setting(25, "save a resumable checkpoint every N steps (default 25)", parse=integer, check=at_least(1),
                                     group="resources", affects_result=False)
-    compile: bool = setting(False, COMPILE_HELP, parse=boolean, group="resources", affects_result=False)
+    compile: bool = setting(False, COMPILE_HELP, parse=boolean, group="resources", affects_result=False, inherit=False)
     attention: str = setting("auto", ATTENTION_HELP, parse=choice(*ATTENTION_CHOICES), group="resources", affects_result=False)
     device: str = setting("auto", "auto (default), cuda, cuda:N or cpu", parse=device, group="resources", affects_result=False)
 
@@ -556,7 +556,9 @@ class RenderSettings(Settings):
     # (and any mode can render a LoRA trained in any mode)
     memory: str = setting("auto", MEMORY_HELP,
                           parse=memory, group="resources")
-    compile: bool = setting(False, COMPILE_HELP, parse=boolean, group="resources", affects_result=False)
+    # --compile is not taken over from the run's record (train's or render's): a later render with --render-cache
+    # (which --compile refuses) must not be refused for a flag its own command line never gave
+    compile: bool = setting(False, COMPILE_HELP, parse=boolean, group="resources", affects_result=False, inherit=False)
     attention: str = setting("auto", ATTENTION_HELP, parse=choice(*ATTENTION_CHOICES), group="resources", affects_result=False)
     # the cache skips computation, so it changes the result: another render
     render_cache: str = setting("off", "first-block: diffusers' first-block cache at render (reuses the other blocks' output "
