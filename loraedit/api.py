@@ -411,7 +411,8 @@ def render(run_dir: str | Path, s: RenderSettings, name: str | None = None, prog
                             record=record)
         manifest.update(run_dir, out_dir.name, dict(figures, cache=f"cache/encoded-{key}.safetensors"), s.to_dict(),
                         inputs={k: record[k] for k in ("first_frame", "lora", "encoding", "model")})
-        _record_settings(run_dir, s.replace(first_frame=None))
+        # not recorded in job.json: a render is a one-off (its settings.json records it); the run's
+        # render settings, which later commands start from, are those `edit` renders with
         log.info("wrote %s", out_dir / "edited.mp4")
         return out_dir
 
@@ -436,6 +437,7 @@ def edit(run_dir: str | Path, prep: PrepareSettings, tr: TrainSettings, rend: Re
         # a rerun of an interrupted edit finishes render/; a rerun of a finished one with the same
         # settings has nothing left to do; with other settings (or a new LoRA) it renders beside the others
         rend = rend.replace(model=_check_model(rend.model), first_frame=None)
+        _record_settings(run_dir, rend)  # the run's render settings (before rendering: a rerun after Ctrl-C finds them)
         _, _, _, want = _render_plan(run_dir, rend)
         for done in sorted(run_dir.glob("render*/settings.json")):
             if read_json(done) == want:

@@ -9,8 +9,12 @@ Each command takes exactly the flags of the stages it runs (loraedit/settings.py
 a flag of another command is an error naming the command that takes it.
 
 Settings, lowest to highest precedence: built-in defaults, the run's job.json (for a run that
-exists; per stage), the --config TOML file, flags on the command line. Every value is read and
-checked here, before torch or a model is imported, so a mistake costs a fraction of a second.
+exists; per stage), the --config TOML file, flags on the command line. job.json holds what the run
+was made with: the prepare and train settings of its last prepare/train/edit, and the render
+settings of its last `edit` (a `loraedit render` is a one-off with its own record, never inherited,
+so `edit` after `render --seed 3` renders with the trained seed). A command says in one line which
+settings it took from job.json that differ from the defaults. Every value is read and checked
+here, before torch or a model is imported, so a mistake costs a fraction of a second.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from loraedit import __version__, settings as S
@@ -148,6 +152,7 @@ class Invocation:
     restart: bool = False
     name: str | None = None
     stages: dict[type, S.Settings] = field(default_factory=dict)
+    inherited: dict[str, object] = field(default_factory=dict)  # flag → value taken from the run's job.json
 
     def get(self, cls):
         return self.stages.get(cls)
@@ -185,9 +190,32 @@ def resolve(argv: list[str]) -> Invocation | argparse.Namespace:
                 sources.pop(k, None)
         if args.command == "edit" and cls is S.RenderSettings:
             values.pop("first_frame", None)  # edit renders the first frame it prepared
+            # one --seed in edit: the render samples with the seed the LoRA is trained with
+            values["seed"] = inv.stages[S.TrainSettings].seed
+            sources.pop("seed", None)
         inv.stages[cls] = cls.from_values(values, sources)
+        job = str(inv.out / "job.json")
+        for k, where in sources.items():
+            f = S.all_fields()[k]
+            default = f.default if f.default is not MISSING else f.default_factory()
+            value = getattr(inv.stages[cls], k)
+            if where == job and value != default:
+                inv.inherited.setdefault(S.flag_name(f), value)
     inv.out = check_out(args.out)
     return inv
+
+
+def describe_inherited(inherited: dict[str, object]) -> str:
+    """'--model /m, --steps 2, --ref 8=a.png' for the one line naming what a command took from the run."""
+    def shown(v):
+        if isinstance(v, dict):
+            return " ".join(f"{k}={x}" for k, x in v.items())
+        if isinstance(v, (list, tuple)):
+            return " ".join(str(x) for x in v)
+        text = str(v)
+        return text if text and not any(c.isspace() for c in text) else repr(text)
+
+    return ", ".join(f"{flag} {shown(v)}" for flag, v in inherited.items())
 
 
 def check_out(out: str) -> Path:
@@ -216,6 +244,8 @@ def run_command(inv: Invocation) -> int:
     from loraedit import api
 
     S_ = inv.stages
+    if inv.inherited:
+        log.info("%s: from the run's job.json (a flag changes one): %s", inv.command, describe_inherited(inv.inherited))
     if inv.command == "prepare":
         api.prepare(inv.out, S_[S.PrepareSettings], restart=inv.restart)
     elif inv.command == "train":

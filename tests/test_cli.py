@@ -98,6 +98,24 @@ def test_render_again_with_another_seed_keeps_the_first_result(trained_run, tiny
     assert not (trained_run / "render-3").exists()
 
 
+def test_edit_after_render_with_another_seed_renders_the_trained_seed_and_says_what_it_took(trained_run, caplog):
+    """`render --seed 3` is a one-off: a later `edit` (or `render`) does not inherit its seed; what a
+    command takes from the run's job.json is said in one line."""
+    assert main(["render", "--out", str(trained_run), "--seed", "3", "-q"]) == 0
+    before = sorted(p.name for p in trained_run.glob("render*"))
+    caplog.clear()
+    assert main(["edit", "--out", str(trained_run), "-q"]) == 0  # everything else from the run
+    assert f"already rendered with these settings: {trained_run / 'render' / 'edited.mp4'}" in caplog.text
+    assert sorted(p.name for p in trained_run.glob("render*")) == before
+    [said] = [r.getMessage() for r in caplog.records if "from the run's job.json" in r.getMessage()]
+    assert "--steps 4" in said and "--render-steps 2" in said and "--ref 8=" in said and "--seed" not in said, said
+    caplog.clear()
+    assert main(["render", "--out", str(trained_run), "--guidance", "4", "-q"]) == 0
+    m = json.loads((trained_run / "manifest.json").read_text())
+    new = [k for k in m["stages"] if k.startswith("render") and k not in before]
+    assert len(new) == 1 and m["stages"][new[0]]["seed"] == 0 and m["stages"][new[0]]["settings"]["render_steps"] == 2
+
+
 def test_render_with_another_first_frame(trained_run, clip, tmp_path):
     from loraedit.video import read_image, write_png
 
