@@ -70,3 +70,70 @@ def test_same_seed_same_weights_budget_reproducible_frozen_parts_copied_and_pack
         pipe = WanImageToVideoPipeline.from_pretrained(folder)  # the real loading path
         assert pipe.transformer.config.in_channels == 36 and pipe.transformer.config.num_layers == 2
         assert len(pipe.vae.config.latents_mean) == 16
+
+
+def test_candidates_train_side_by_side_with_the_bytes_each_has_alone_and_write_only_new_weights(tmp_path, tiny_model):
+    import shutil
+
+    from diffusers import WanImageToVideoPipeline
+
+    common = ["--init-from", str(tiny_model), "--dit-warmup", "10", "--dit-steps", "3", "--weights-only"]
+    both = pretrain(tmp_path / "both", 0, *common, "--candidates", "2x2x16x64,3x2x16x64", "--check-determinism", "2",
+                    "--log-file", str(tmp_path / "both" / "log.txt"))
+    alone = pretrain(tmp_path / "alone", 0, *common, "--candidates", "3x2x16x64", "--no-eval-baseline")
+    names = ("dit-2x2x16x64", "dit-3x2x16x64")
+    assert weights_digest(both, names[1]) == weights_digest(alone, names[1])  # nothing leaks between the threads
+    assert weights_digest(both, names[0]) != weights_digest(both, names[1])
+    # only what --init-from does not already give: the transformers, training.json and the log
+    assert sorted(p.name for p in both.iterdir()) == sorted([*names, "log.txt", "training.json"])
+    summary = json.loads((both / "training.json").read_text())
+    assert summary["determinism_check"]["identical"] is True
+    for name in names:
+        cand = summary["candidates"][name]
+        assert cand["dit_steps_run"] == 3 and cand["dit_loss_curve"]
+        assert set(cand["rollout_after"]) == {"from source frame 0", "from edited frame 0"}
+        assert "object_sigma_0.9" in cand["dit_eval_after"] or "sigma_0.9" in cand["dit_eval_after"]
+    log = (both / "log.txt").read_text()
+    assert "sha256" in log and "[dit-3x2x16x64] DiT step 3/3" in log
+    # a candidate put into a copy of the --init-from folder is a model the real loader takes
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    shutil.rmtree(model / "transformer")
+    shutil.copytree(both / names[1] / "transformer", model / "transformer")
+    assert WanImageToVideoPipeline.from_pretrained(model).transformer.config.num_layers == 3
+
+
+def test_object_coverage_on_the_latent_grid_and_the_weighted_loss():
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("pretrain_toy", mod)  # its dataclasses look their module up there
+    spec.loader.exec_module(sys.modules["pretrain_toy"])
+    mod = sys.modules["pretrain_toy"]
+    alpha = np.zeros((9, 32, 32), np.float32)
+    alpha[0, :8, :8] = 1.0  # frame 0: one full latent cell
+    alpha[1:3, 8:16, :8] = 1.0  # frames 1-2 of the first 4-frame chunk: half a cell's time
+    cover = mod.latent_coverage(alpha)
+    assert cover.shape == (3, 4, 4)
+    assert cover[0, 0, 0] == 1.0 and cover[1, 1, 0] == 0.5 and cover.sum() == 1.5
+
+    class Echo(torch.nn.Module):  # predicts zero velocity: the loss is then the target's own square
+        dtype = torch.float32
+
+        def forward(self, hidden_states, **kw):
+            return (torch.zeros_like(hidden_states[:, :16]),)
+
+    x0 = torch.zeros(1, 16, 3, 4, 4)
+    noise = torch.zeros_like(x0)
+    noise[:, :, 0, 0, 0] = 2.0  # all the error in the one cell the object covers
+    cond = torch.zeros(1, 20, 3, 4, 4)
+    sigma = torch.full((1,), 0.5)
+    args = (Echo(), x0, cond, torch.zeros(1, 1, 32), None, sigma, noise, torch.from_numpy(cover)[None, None])
+    plain = mod.object_weighted_loss(*args, 0.0)
+    weighted = mod.object_weighted_loss(*args, 4.0)
+    assert torch.isclose(plain, torch.tensor(4.0 / 48))
+    assert weighted > 3 * plain  # the object's cell counts 5x, the mean weight is 1 + 4 * 1.5 / 48
