@@ -382,23 +382,37 @@ def vae_eval(vae, clips) -> dict:
 # ---------------------------------------------------------------- phase 2: the data set, encoded on --device
 
 
-# the first --dit-variants of these per clip: the edited truth gives more colours (the same scene with the
-# object recoloured: what teaches the model to carry frame 0's colour), mirroring more directions of motion
-VARIANTS = ("source", "truth", "source mirrored", "truth mirrored")
+VARIANTS = ("source", "source mirrored", "truth", "truth mirrored")
 
 
 def clip_variants(clip, names):
-    """Videos made from one clip, by name (VARIANTS) — (frames, caption, object coverage on the latent grid) each."""
-    cover = clip.cover if hasattr(clip, "cover") else latent_coverage(clip.alpha)
+    """Videos made from one clip, by name (VARIANTS: the edited truth gives more colours — the same scene with
+    the object recoloured, what teaches a model to carry frame 0's colour — mirroring more directions of
+    motion) — (frames, caption) each."""
     out = []
     for name in names:
         frames = clip.truth if name.startswith("truth") else clip.source
         caption = clip.edited_caption if name.startswith("truth") else clip.caption
-        c = cover
         if name.endswith("mirrored"):
-            frames, c = frames[:, :, ::-1], cover[:, :, ::-1]
-        out.append((np.ascontiguousarray(frames), caption, np.ascontiguousarray(c)))
+            frames = frames[:, :, ::-1]
+        out.append((np.ascontiguousarray(frames), caption))
     return out
+
+
+def variant_covers(clip, names) -> list[np.ndarray]:
+    """The main object's latent_coverage for each of clip_variants(clip, names)."""
+    cover = clip.cover if hasattr(clip, "cover") else latent_coverage(clip.alpha)
+    return [np.ascontiguousarray(cover[:, :, ::-1] if n.endswith("mirrored") else cover) for n in names]
+
+
+def variant_names(spec) -> tuple[str, ...]:
+    """--dit-variants: a count (the first N of VARIANTS) or comma-separated names."""
+    if str(spec).isdigit() and 1 <= int(spec) <= len(VARIANTS):
+        return VARIANTS[:int(spec)]
+    names = tuple(n.strip() for n in str(spec).split(","))
+    if not names or any(n not in VARIANTS for n in names):
+        raise ValueError(spec)
+    return names
 
 
 @torch.no_grad()
@@ -419,24 +433,24 @@ def encode_videos(pipe, videos: list[np.ndarray], device) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def encode_dataset(pipe, clips, variants: int, batch: int, device, log_every: int = 0, names=None) -> dict:
-    """Encode clips (an iterable of WorldClip; the first `variants` of VARIANTS, or those `names`, of each)
+    """Encode clips (an iterable of WorldClip; `variants` (see variant_names), or those `names`, of each)
     in batches of `batch` videos. Raw latents; captions as indices into `captions` (each distinct caption
     is encoded once)."""
-    names = names or VARIANTS[:variants]
+    names = names or variant_names(variants)
     xs, ys, imgs, caption_of, covers = [], [], [], [], []
-    pending: list[tuple[np.ndarray, str, np.ndarray]] = []
+    pending: list[tuple[np.ndarray, str]] = []
     t0 = time.time()
     n_clips = 0
 
     def flush():
-        x, y, img = encode_videos(pipe, [v for v, _, _ in pending], device)
+        x, y, img = encode_videos(pipe, [v for v, _ in pending], device)
         xs.append(x), ys.append(y), imgs.append(img)
-        caption_of.extend(c for _, c, _ in pending)
-        covers.extend(c for _, _, c in pending)
+        caption_of.extend(c for _, c in pending)
         pending.clear()
 
     for clip in clips:
         pending.extend(clip_variants(clip, names))
+        covers.extend(variant_covers(clip, names))
         n_clips += 1
         if len(pending) >= batch:
             flush()
@@ -775,8 +789,8 @@ def parse_args(argv=None):
                     help="train these transformers (layers x heads x head dim x FFN) side by side on the same data, "
                          "each saved in OUT/dit-LxHxDxF/transformer; overrides --layers/--heads/--head-dim/--ffn")
     ap.add_argument("--dit-clips", type=int, default=4096, help="world clips to train on")
-    ap.add_argument("--dit-variants", type=int, default=2, choices=(1, 2, 4),
-                    help="per clip: source; + the edited truth; + both mirrored")
+    ap.add_argument("--dit-variants", default="source,truth",
+                    help=f"videos per clip: comma-separated names of {', '.join(VARIANTS)}, or a count (the first N)")
     ap.add_argument("--object-weight", type=float, default=4.0,
                     help="extra velocity-loss weight on the main object's latent cells (1 + w * coverage); 0: plain MSE")
     ap.add_argument("--encode-batch", type=int, default=64, help="videos per VAE encoding batch")
@@ -815,6 +829,10 @@ def parse_args(argv=None):
         ap.error(f"--init-from {args.init_from}: not a model folder (no model_index.json); pass one, or 'none'")
     if args.budget and args.dit_calibrate >= args.dit_warmup:
         ap.error("--dit-calibrate must be below --dit-warmup (the budget may only shorten a run inside the warm-up)")
+    try:
+        variant_names(args.dit_variants)
+    except ValueError:
+        ap.error(f"--dit-variants {args.dit_variants}: give a count (1-4) or names from {', '.join(VARIANTS)}")
     if args.candidates:
         try:
             candidate_args(args)
