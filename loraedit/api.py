@@ -229,7 +229,7 @@ def _encode(run_dir: Path, es, prepared: dict, hashes: dict, device):
 
     from loraedit import encode
 
-    key = runstate.sha256_json([hashes, encode.cache_inputs(es)])[:16]
+    key = _encoding_key(hashes, es)
     path = run_dir / "cache" / f"encoded-{key}.safetensors"
     reuse = None
     base = runstate.sha256_json([{k: hashes[k] for k in ("frames", "region", "refs", "geometry")}, es.model, es.mode])
@@ -244,6 +244,13 @@ def _encode(run_dir: Path, es, prepared: dict, hashes: dict, device):
     made = not path.is_file()
     cache = encode.run(es, path, prepared, device, reuse=reuse, key=key, base=base)
     return cache, key, (time.perf_counter() - t0) if made else None
+
+
+def _encoding_key(hashes: dict, es) -> str:
+    """The name of the cache file holding the encodings of these prepared contents with `es`."""
+    from loraedit import encode
+
+    return runstate.sha256_json([hashes, encode.cache_inputs(es)])[:16]
 
 
 def _prompts(run_dir: Path, train: TrainSettings, prepared: dict, device="cpu") -> tuple[str, str | None]:
@@ -272,6 +279,7 @@ def _train_record(s: TrainSettings, hashes: dict) -> dict:
 
 def _check_training(run_dir: Path, old: dict, new: dict, staging: Path | None = None, because: str = "") -> None:
     """InputError if the trained (or partly trained) LoRA's record differs from `new`."""
+    new = {k: v for k, v in new.items() if k != runstate.ENCODING}
     old = {k: old.get(k) for k in new}
     if isinstance(old.get("settings"), dict) and isinstance(new.get("settings"), dict):
         # a setting a record no longer holds (it was found not to change the LoRA) does not count
@@ -311,6 +319,7 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
         record = _train_record(s, hashes)
         # the texts training conditions on, as resolved (--caption auto): the video's, and stage 2's
         record["texts"] = {"video": es.texts[0], "references": es.texts[1] if hashes["refs"] and s.ref_steps > 0 else None}
+        record[runstate.ENCODING] = _encoding_key(hashes, es)  # the cache it trains from (not an input: never compared)
         rec_file = run_dir / "train" / "record.json"
         old = read_json(rec_file) if rec_file.is_file() else None
         leftovers = _has_trained_lora(run_dir) or (run_dir / "train" / "checkpoints").is_dir()
@@ -360,11 +369,10 @@ def _render_plan(run_dir: Path, s: RenderSettings) -> tuple[dict, dict, object, 
         prepared["first"] = new_first
     hashes = runstate.prepared_hashes(prepared)
     es = _encode_settings(s.model, trained, s.negative_prompt, _prompts(run_dir, trained, prepared))
-    from loraedit import encode
     from loraedit.models import lora_digest
 
     record = _no_model(s.result_dict())
-    record.update(first_frame=hashes["first_frame"], encoding=runstate.sha256_json([hashes, encode.cache_inputs(es)])[:16],
+    record.update(first_frame=hashes["first_frame"], encoding=_encoding_key(hashes, es),
                   lora=lora_digest(run_dir), model=runstate.model_identity(s.model), prompt=es.texts[1])
     return prepared, hashes, es, record
 

@@ -23,6 +23,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -33,6 +34,7 @@ from loraedit.errors import InputError
 from loraedit.files import holds_files, missing_folders, read_json, remove_empty_folders, sha256_file
 
 LOCK_NAME = ".lock"
+ENCODING = "encoding"  # the key of the cache/encoded-KEY.safetensors a record was made from
 
 
 # ---------------------------------------------------------------- content hashes
@@ -128,6 +130,50 @@ def describe_changes(old: dict, new: dict) -> str:
     return ", ".join(dict.fromkeys(parts + seen))
 
 
+# ---------------------------------------------------------------- encode caches no record refers to
+
+
+def encodings_in_use(run_dir: Path) -> set[str] | None:
+    """Keys of the encode caches the run's records refer to: the training's (train/record.json), and
+    each render's (RENDER/settings.json) made with the run's current LoRA — a render of a discarded
+    LoRA cannot be made again, so its encoding is of no more use. None when that cannot be told (no
+    training record, one from before records named their cache, a record that cannot be read)."""
+    try:
+        train = read_json(run_dir / "train" / "record.json")
+        renders = [read_json(p) for p in sorted(run_dir.glob("*/settings.json"))]
+    except (OSError, ValueError):
+        return None
+    if not isinstance(train, dict) or not train.get(ENCODING):
+        return None
+    used = {train[ENCODING]}
+    renders = [r for r in renders if isinstance(r, dict) and r.get(ENCODING)]
+    if any(r[ENCODING] not in used for r in renders):
+        from loraedit.models import lora_digest
+
+        lora = lora_digest(run_dir)
+        used |= {r[ENCODING] for r in renders if r.get("lora") == lora}
+    return used
+
+
+def prune_encodings(run_dir: Path) -> list[Path]:
+    """Remove cache/encoded-KEY.safetensors files no record refers to (see encodings_in_use). Called by
+    the command holding the run's lock, after it succeeded: no other command can be using one, and
+    a cache being written has a hidden temporary name until it is complete (files.atomic_output)."""
+    used = encodings_in_use(run_dir)
+    if used is None:
+        return []
+    gone = []
+    for p in sorted((run_dir / "cache").glob("encoded-*.safetensors")):
+        if p.name.removeprefix("encoded-").removesuffix(".safetensors") not in used:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                gone.append(p)
+    if gone:
+        logging.getLogger("loraedit").info("removed %d encoding%s no record refers to any more (%s)", len(gone),
+                                           "s" * (len(gone) > 1), ", ".join(f"cache/{p.name}" for p in gone))
+    return gone
+
+
 # ---------------------------------------------------------------- one command per run folder
 
 
@@ -207,6 +253,8 @@ def run_lock(run_dir: Path, command: str):
     try:
         yield
         failed = False
+        with contextlib.suppress(OSError):  # tidying up is no reason to fail a finished command
+            prune_encodings(run_dir)
     finally:
         with _held_guard:
             _held.pop(key, None)

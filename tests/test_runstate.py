@@ -156,6 +156,10 @@ def test_a_changed_training_input_is_refused_and_restart_retrains(case, base_run
         assert set(before["renders"]) < set(after["renders"])  # the old render stays, with its own record
         m = json.loads((run / "manifest.json").read_text())
         assert m["discarded"][0]["stage"] == "train"
+        # the discarded LoRA's encoding is pruned: only the one the new training and its render use is left
+        key = json.loads((run / "train" / "record.json").read_text())["encoding"]
+        assert json.loads((run / after["renders"][-1] / "settings.json").read_text())["encoding"] == key
+        assert sorted(p.name for p in (run / "cache").glob("encoded-*")) == [f"encoded-{key}.safetensors"]
 
 
 def test_a_new_first_frame_without_references_renders_again_with_the_same_lora(tiny_model, clip, tmp_path):
