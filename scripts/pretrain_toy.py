@@ -1,19 +1,22 @@
 #!/usr/bin/env python
 """Pre-train the bundled toy Wan2.1-I2V model on the procedural world (loraedit/world.py).
 
-    # a new transformer on one GPU; the VAE, text/image encoders, tokenizer and scheduler are taken over
-    # byte for byte from --init-from (the bundled model); --budget fits the schedule into the minutes lent
-    python scripts/pretrain_toy.py --device cuda --init-from loraedit/toymodel --out runs/toymodel \
-        --budget 210 --dit-steps 20000 --check-determinism 20 --pack runs/toymodel-parts
+    # new transformers on one GPU; the VAE, text/image encoders, tokenizer and scheduler are those of
+    # --init-from (the bundled model), byte for byte, and --weights-only does not copy them; two candidate
+    # shapes train side by side; --budget fits the schedule into the minutes lent
+    python scripts/pretrain_toy.py --device cuda --init-from loraedit/toymodel --out runs/toy-gpu --weights-only \
+        --candidates 6x4x32x512,8x6x32x768 --budget 295 --check-determinism 5 --log-file runs/toy-gpu/log.txt
+    # a candidate as a model folder:
+    cp -r loraedit/toymodel M && rm -r M/transformer && cp -r runs/toy-gpu/dit-6x4x32x512/transformer M/
 
     # everything, the VAE included (sized for a GPU: on a CPU pass far smaller --dit-* values)
     python scripts/pretrain_toy.py --device cpu --threads 2 --init-from none --out runs/toymodel
 
 The bundled model itself was made by this script as of commit 8f2eca5 (`git show
-8f2eca5:scripts/pretrain_toy.py`, `--seed 0`, CPU, 79 minutes; its model card has the details). The one
-GPU run of the version here (H200, 2026-11-26: 892 steps of batch 64 in 111 s; its 20-step determinism
-check gave the same bytes twice) did not beat it, so it was not shipped; loraedit/toymodel/MODEL_CARD.md
-gives its figures.
+8f2eca5:scripts/pretrain_toy.py`, `--seed 0`, CPU, 79 minutes; its model card has the details, and says
+which GPU runs of later versions were tried). The defaults here are the GPU recipe of 2026-11-26 evening:
+4096 clips as source and edited truth, batch 256 at lr 1e-3, the velocity loss weighted on the moving
+object (its error was 2-9x the background's), EMA 0.996.
 
 Same classes and folder layout as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers (see loraedit/tiny.py for the
 text/image encoders); only the sizes differ. Four phases:
@@ -23,14 +26,15 @@ text/image encoders); only the sizes differ. Four phases:
    latents) on random 9-frame 64x64 crops (first frame alone + two 4-frame chunks, so the causal
    cache is trained) of world clips, source and edited truth, half of the crops centred on the object.
    Skipped with --init-from FOLDER: that folder's VAE (and latent mean/std) is used unchanged.
-2. Data: world clips rendered on all CPU cores (each clip is a pure function of its seed), encoded
-   with the VAE in batches on --device: source and edited truth, each also mirrored (--dit-variants 4),
+2. Data: world clips rendered by --workers processes (each clip is a pure function of its seed), encoded
+   with the VAE in batches on --device: source and edited truth (--dit-variants; mirrored copies optional),
    stock I2V condition latents (`method.stock_plan`: first frame, then zeros), CLIP embeddings of the
    first frame, UMT5 embeddings of the caption. Without --init-from the per-channel latent mean/std
    are measured here and written into the VAE config, the convention of the real model.
 3. Transformer (WanTransformer3DModel, 36-channel I2V input): flow matching with the **stock** I2V
-   condition only (first frame kept, everything else generated), captions from the world (10% empty);
-   weights averaged with an EMA (the EMA is what is saved). A held-out evaluation follows: velocity
+   condition only (first frame kept, everything else generated), captions from the world (10% empty),
+   the velocity error weighted up on the moving object's latent cells (--object-weight); weights averaged
+   with an EMA (the EMA is what is saved). --candidates trains several shapes side by side (threads). A held-out evaluation follows: velocity
    loss at fixed noise levels and stock-I2V rollouts (20 sampling steps) scored against the world's truth.
 4. Decoder refinement (only when the VAE was trained here): the decoder alone on full 17-frame crops
    (encoder frozen, so the transformer's latents and the latent mean/std stay valid).
