@@ -466,7 +466,7 @@ def speed_up(transformer, device: torch.device, attention: str = "auto", compile
     return compiled
 
 
-def enable_render_cache(transformer, kind: str = "first-block", threshold: float = 0.05) -> None:
+def enable_render_cache(transformer, kind: str = "first-block", threshold: float = 0.05, stats: dict | None = None) -> None:
     """diffusers' first-block cache on the denoiser for sampling (off: nothing).
 
     At each call the first block runs; when its output's residual changed by less than `threshold`
@@ -480,6 +480,11 @@ def enable_render_cache(transformer, kind: str = "first-block", threshold: float
 
     transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
     transformer._render_cache = kind
+    if stats is not None:  # calls of the denoiser, and those that ran every block (the last block's work ran)
+        stats.setdefault("calls", 0)
+        stats.setdefault("full", 0)
+        transformer.blocks[0].ffn.register_forward_hook(lambda *_: stats.__setitem__("calls", stats["calls"] + 1))
+        transformer.blocks[-1].ffn.register_forward_hook(lambda *_: stats.__setitem__("full", stats["full"] + 1))
 
 
 def cfg_fits_batched(model: str, subfolder: str, memory: str, latent: tuple[int, int, int], device: torch.device) -> bool:

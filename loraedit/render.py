@@ -94,6 +94,7 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
     batch_cfg = args.guidance > 1.0 and cfg_fits_batched(args.model, fam.experts[0], memory, latent, device)
     folders = lora_folders(run_dir, fam)
     held: dict[str, torch.nn.Module] = {}
+    cache_stats: dict[str, int] = {}  # --render-cache: denoiser calls, and those that ran every block
 
     def expert(name: str):
         """The denoiser `name` with its LoRA; a two-expert model's other expert is freed first."""
@@ -106,7 +107,7 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
         else:
             log.warning("no trained LoRA in %s: the %s renders with its base weights", folders[name],
                         f"{family.EXPERT_NAMES[name].replace('_', '-')} expert" if fam.two_experts else "model")
-        enable_render_cache(transformer, args.render_cache, args.render_cache_threshold)
+        enable_render_cache(transformer, args.render_cache, args.render_cache_threshold, cache_stats)
         speed_up(transformer, device, args.attention, args.compile)
         held[name] = transformer
         return transformer
@@ -120,12 +121,15 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
     bar = tqdm(total=args.render_steps, desc="render", unit="step", disable=progress is False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    marks: list[float] = []  # end of each sampling step
     latents = method.sample_latents(
         expert if fam.two_experts else expert(family.HIGH), scheduler, noise, cond, cache.get("text_edit", cache["text"]).to(device),
         cache["negative_text"].to(device), None if image is None else image.to(device), args.render_steps, args.guidance,
-        on_step=lambda i: bar.update(1), boundary=fam.boundary_timestep, guidance_2=args.guidance_2, batch_cfg=batch_cfg,
+        on_step=lambda i: (bar.update(1), marks.append(time.perf_counter())), boundary=fam.boundary_timestep, guidance_2=args.guidance_2, batch_cfg=batch_cfg,
     )
     bar.close()
+    # the median step (the first, which includes loading and any compilation, only when it is the only one)
+    gaps = sorted(b - a for a, b in zip(marks, marks[1:])) or [0.0]
     peak = peak_memory_gb(device)
     held.clear()
     release_memory()
@@ -150,4 +154,6 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
     write_png(out_dir / "contact_sheet.png", contact_sheet([source, frames]))
     write_json(out_dir / "settings.json", record if record is not None else args.to_dict())  # last: marks it complete
     return {"seconds": time.perf_counter() - t0, "peak_memory_gb": peak, "dir": str(out_dir), "seed": args.seed, "batched_guidance": batch_cfg,
+            "seconds_per_step": gaps[len(gaps) // 2],
+            **({"render_cache_calls": cache_stats["calls"], "render_cache_full_calls": cache_stats["full"]} if cache_stats else {}),
             "steps": args.render_steps, "guidance": args.guidance, "shift": args.shift}
