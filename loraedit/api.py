@@ -81,6 +81,11 @@ def _check_model(model: str) -> str:
 
 
 def _loaded_libraries() -> None:
+    """diffusers and transformers imported and quieted before a stage loads a pipeline (quieting
+    them earlier does nothing: they are imported lazily, and their loading bars ignored -q)."""
+    import diffusers.utils.logging  # noqa: F401
+    import transformers.utils.logging  # noqa: F401
+
     from loraedit.cli import quiet_libraries
 
     quiet_libraries()
@@ -93,10 +98,10 @@ def _ready(run_dir: Path, s):
 
     s = _with_run_model(run_dir, s)
     s.check_files()
-    _loaded_libraries()
     s = s.replace(model=_check_model(s.model))
     device = resolve_device(s.device)
     check_attention(s.attention, device)  # an attention kernel this machine lacks: one line before any model loads
+    _loaded_libraries()
     return s, device
 
 

@@ -481,6 +481,7 @@ def test_two_edits_on_one_folder_the_second_refuses_and_identical_runs_give_iden
         out, errs = first.communicate(timeout=600)
     assert first.returncode == 0, errs
     assert not lock.exists()
+    assert "Loading pipeline components" not in errs and "it/s]" not in errs  # -q: no library loading bars either
     # the twin runs in a process of its own too: torch's thread setup (the test process calls
     # torch.set_num_threads) changes the order of float reductions, and so the last bits
     argv_b = list(argv)
