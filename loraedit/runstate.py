@@ -106,6 +106,13 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _shown(value) -> str:
+    """A value as typed on the command line: quoted where it is empty or has spaces ('' → 'a man')."""
+    if isinstance(value, str) and (not value or any(c.isspace() for c in value)):
+        return repr(value)
+    return str(value)
+
+
 def describe_changes(old: dict, new: dict) -> str:
     """'--lr 0.0001 → 0.0005, the edit region' for a one-line message."""
     parts = []
@@ -113,7 +120,7 @@ def describe_changes(old: dict, new: dict) -> str:
     for k in differences(settings_old, settings_new):
         key = k.split(".")[0]
         a, b = settings_old.get(key), settings_new.get(key)
-        shown = f"{a} → {b}" if len(repr(a)) + len(repr(b)) < 60 else "changed"
+        shown = f"{_shown(a)} → {_shown(b)}" if len(repr(a)) + len(repr(b)) < 60 else "changed"
         parts.append(f"--{key.replace('_', '-')} {shown}")
     names = {"frames": "the source frames", "region": "the edit region", "first_frame": "the edited first frame",
              "refs": "the reference images", "geometry": "the frame selection, size or mode", "model": "the model",

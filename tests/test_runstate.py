@@ -148,6 +148,7 @@ def test_a_changed_training_input_is_refused_and_restart_retrains(case, base_run
     assert main(argv) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("loraedit:")]
     assert len(err) == 1 and expect in err[0] and "--restart" in err[0], err
+    assert case != "prompt" or "--prompt '' → 'a green square'" in err[0], err  # as typed: an empty one shows
     assert _snapshot(run) == before  # refused before anything was overwritten
     if case in ("mask file", "prompt"):  # --restart discards the LoRA and trains on the new inputs
         assert main(argv + ["--restart"]) == 0
