@@ -169,7 +169,7 @@ def resolve(argv: list[str]) -> Invocation | argparse.Namespace:
     if extras:
         _unknown_flags(args.command, extras)
     inv = Invocation(command=args.command, out=Path(args.out).expanduser().absolute(), quiet=args.quiet,
-                     restart=getattr(args, "restart", False), name=getattr(args, "name", None))
+                     restart=getattr(args, "restart", False), name=check_render_name(getattr(args, "name", None)))
     flags = {k: v for k, v in vars(args).items() if k in S.command_fields(args.command)}
     toml, toml_path = _load_toml(args.config) if args.config else ({}, None)
     from loraedit.api import recorded_settings
@@ -218,7 +218,20 @@ def describe_inherited(inherited: dict[str, object]) -> str:
     return ", ".join(f"{flag} {shown(v)}" for flag, v in inherited.items())
 
 
-def check_out(out: str) -> Path:
+RUN_PARTS = ("prepare", "train", "lora", "cache")  # the run's own folders: never a render's name
+
+
+def check_render_name(name: str | None) -> str | None:
+    """--name: one folder inside the run (a path could write the render anywhere, or into lora/)."""
+    if name is None:
+        return None
+    if not name.strip() or name != Path(name).name or name.startswith(".") or "\\" in name or name in RUN_PARTS:
+        raise InputError(f"--name {name!r}: must be the name of a folder inside the run, not a path, a hidden name or one of "
+                         f"{', '.join(RUN_PARTS)}; e.g. --name blue")
+    return name
+
+
+def check_out(out: str, what: str = "run folder") -> Path:
     """--out: a folder (existing or to be made) that this user can write. A folder that does not
     exist yet is made to see that it can be, and removed again: the command makes it when it starts
     work, so a refused command leaves nothing behind."""
@@ -226,15 +239,15 @@ def check_out(out: str) -> Path:
 
     p = Path(out).expanduser()
     if p.is_file():
-        raise InputError(f"--out {out}: is an existing file, not a run folder; pass a folder path")
+        raise InputError(f"--out {out}: is an existing file, not a {what}; pass a folder path")
     made = missing_folders(p)
     try:
         try:
             p.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise InputError(f"--out {out}: cannot create the run folder ({exc.strerror}); pass a folder you can write") from None
+            raise InputError(f"--out {out}: cannot create the {what} ({exc.strerror}); pass a folder you can write") from None
         if not os.access(p, os.W_OK | os.X_OK):
-            raise InputError(f"--out {out}: the run folder is not writable; pass a folder you can write")
+            raise InputError(f"--out {out}: the {what} is not writable; pass a folder you can write")
     finally:
         remove_empty_folders(made)
     return p.resolve()

@@ -594,3 +594,17 @@ def test_a_refused_command_on_a_new_folder_leaves_nothing_behind(tiny_model, cli
         assert not (tmp_path / "new").exists(), argv
     assert main(["train", "--out", str(new), "--steps", "1"]) == 2
     assert "is not a prepared run" in capsys.readouterr().err  # the problem, not a missing --model
+
+
+def test_a_render_name_is_a_folder_inside_the_run_and_masks_out_a_folder(clip, tmp_path, capsys):
+    run = tmp_path / "runs" / "run"
+    for name in ("../elsewhere", "lora", ".hidden", "a/b"):
+        assert main(["render", "--out", str(run), "--name", name]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--name '{name}': must be the name of a folder inside the run" in err[0], err
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "file").write_text("x")
+    assert main(["masks", "--video", str(clip["video"]), "--first-frame", str(clip["first_frame"]), "--frames", "5",
+                 "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"loraedit: error: --out {tmp_path / 'file'}: is an existing file, not a masks folder; pass a folder path"]
