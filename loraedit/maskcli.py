@@ -79,6 +79,9 @@ def contact_sheet(frames: np.ndarray, indices: list[int], columns: int = 4, coun
 
 
 def run_masks(args) -> int:
+    from loraedit.cli import check_out
+
+    check_out(args.out, "masks folder")  # a file, or a folder that cannot be made: one line, before any work
     if not args.video:
         raise InputError("--video is required (the source clip)")
     opts = masks.mask_options_from_args(args)
