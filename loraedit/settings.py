@@ -652,7 +652,8 @@ def _argparse_type(f: dataclasses.Field):
         try:
             return read_value(f, [value] if f.metadata["repeat"] else value)
         except InputError as exc:
-            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag_name(f)} ")) from None
+            # argparse names the flag itself ("argument --box: …"): not twice
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag_name(f)}: ").removeprefix(f"{flag_name(f)} ")) from None
 
     read.__name__ = f.name  # argparse names the type in its message
     return read

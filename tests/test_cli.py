@@ -608,3 +608,6 @@ def test_a_render_name_is_a_folder_inside_the_run_and_masks_out_a_folder(clip, t
                  "--out", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"loraedit: error: --out {tmp_path / 'file'}: is an existing file, not a masks folder; pass a folder path"]
+    assert main(["masks", "--video", str(clip["video"]), "--out", str(tmp_path / "m"), "--box", "10,10,5,5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("--box") == 1 and "needs x0 < x1" in err, err  # the flag named once
