@@ -8,7 +8,7 @@ settings; --steps 0 renders the base model with the same mask-aware condition), 
 uncached and once per cache threshold, all from the same seed. Reported per render: PSNR against
 the uncached render (what the cache changed) and against the world's true edited video (inside the
 edited region, and outside it), the share of denoiser calls that ran every block (the rest reused
-the cache after the first block), and the median sampling step time. Prints a table and writes
+the cache after the first block), and the mean sampling step time (steps 2 on). Prints a table and writes
 results.json into --out.
 """
 
