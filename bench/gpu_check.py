@@ -263,14 +263,16 @@ def run_train(row, device, steps: int, warmup: int) -> dict:
         out["uncompiled_peak_gib"] = out.get("peak_gib")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        out["compiled_blocks"] = len(_models.speed_up(model, device, "auto", True))
-        first = timed(warmup + steps, 1)[0]  # compiles forward and backward graphs
-        times = timed(warmup + steps + 1, steps)
-        out["compile_s"] = first - out["uncompiled_s_per_step"]
-        out.update(_mem(device))
-        out["s_per_step"] = sorted(times)[len(times) // 2]
-        out["step_times"] = times
-        out["speedup"] = out["uncompiled_s_per_step"] / out["s_per_step"]
+        try:
+            out["compiled_blocks"] = len(_models.speed_up(model, device, "auto", True))
+            first = timed(warmup + steps, 1)[0]  # compiles forward and backward graphs
+            times = timed(warmup + steps + 1, steps)
+            compiled = {"compile_s": first - out["uncompiled_s_per_step"], **_mem(device), "s_per_step": sorted(times)[len(times) // 2],
+                        "step_times": times}
+            out.update(compiled, speedup=out["uncompiled_s_per_step"] / compiled["s_per_step"])
+        except Exception as exc:  # noqa: BLE001 — a compile failure (or OOM) is this row's finding; the uncompiled figures stay
+            out["compile_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            out["compile_traceback"] = traceback.format_exc()[-3000:]
     out["loss_finite"] = all(map(lambda v: v == v and abs(v) != float("inf"), losses))
     runner = getattr(model, "_block_runner", None)
     if runner is not None:
@@ -533,6 +535,8 @@ def fmt(row: dict, res: dict, pred: dict | None) -> str:
         peak = res.get("peak_gib", res.get("host_peak_gib", float("nan")))
         mfu = f"  MFU {res['mfu'] * 100:4.1f}%" if "mfu" in res else ""
         extra = ""
+        if "compile_error" in res:
+            extra = f"  (uncompiled; --compile failed: {res['compile_error'][:120]})"
         if "compile_s" in res:
             extra = (f"  (uncompiled {res['uncompiled_s_per_step']:.3f} s/step, compile {res['compile_s']:.0f} s, "
                      f"{res['speedup']:.2f}x, {res['compiled_blocks']} blocks)")

@@ -208,3 +208,19 @@ def test_gpu_check_speed_rows_run_on_a_tiny_config(tmp_path, monkeypatch):
     assert render["sequential"]["tail_runs_per_head_run"] == 1.0 and 0 < render["cache"]["tail_runs_per_head_run"] <= 1.0
     assert set(rows["speed: ti2v5b render bf16 49x1280x704"]["variants"]) == {"sequential", "batched"}
     assert "compile" in (out.with_suffix(".log")).read_text()
+
+
+def test_gpu_check_compile_row_keeps_its_uncompiled_figures_when_compiling_fails(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import gpu_check
+
+    def fails(*a, **k):
+        raise RuntimeError("inductor: simulated failure")
+
+    monkeypatch.setattr(models, "speed_up", fails)
+    res = gpu_check.run_row(dict(name="c", kind="train", model="tiny", mode="bf16", compile=True, steps=1), "cpu", 1, 1)
+    assert res["status"] == "ok" and res["s_per_step"] == res["uncompiled_s_per_step"] > 0
+    assert res["compile_error"] == "RuntimeError: inductor: simulated failure" and "compile_s" not in res
