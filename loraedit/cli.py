@@ -195,8 +195,9 @@ def resolve(argv: list[str]) -> Invocation | argparse.Namespace:
             sources.pop("seed", None)
         inv.stages[cls] = cls.from_values(values, sources)
         job = str(inv.out / "job.json")
+        own = {f.name: f for f in fields(cls)}
         for k, where in sources.items():
-            f = S.all_fields()[k]
+            f = own[k]
             default = f.default if f.default is not MISSING else f.default_factory()
             value = getattr(inv.stages[cls], k)
             if where == job and value != default:
