@@ -523,6 +523,19 @@ video {{ width: 420px; }} img {{ width: 320px; }}
 """
 
 
+def _unreachable(address: str) -> str | None:
+    """Why nothing listens at a HOST:PORT --ray address (None: something does, or it is no such address).
+    Ray itself retries an address with no cluster for minutes before it gives up."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return None
+
+
 def _ray_connect(address: str):
     try:
         import ray
@@ -530,6 +543,10 @@ def _ray_connect(address: str):
         raise InputError("--ray needs Ray: pip install 'loraedit[ray]' (or pip install ray)") from None
     if ray.is_initialized():  # already connected (e.g. a driver script that called ray.init itself)
         return ray
+    why = _unreachable(address) if address not in ("auto", "local") else None
+    if why:
+        raise InputError(f"--ray {address}: no Ray cluster there ({why}); start one with `ray start --head`, "
+                         "or use --ray local for this machine alone")
     try:
         ray.init(address=None if address == "local" else address, runtime_env={"env_vars": WORKER_ENV},
                  log_to_driver=False)

@@ -611,3 +611,18 @@ def test_a_render_name_is_a_folder_inside_the_run_and_masks_out_a_folder(clip, t
     assert main(["masks", "--video", str(clip["video"]), "--out", str(tmp_path / "m"), "--box", "10,10,5,5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("--box") == 1 and "needs x0 < x1" in err, err  # the flag named once
+
+
+def test_batch_with_no_ray_cluster_at_the_address_is_one_line_at_once(tiny_model, clip, tmp_path, capsys):
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "jobs.toml").write_text(f'model = "{tiny_model}"\n[[job]]\nname = "a"\nvideo = "{clip["video"]}"\n'
+                                        f'first-frame = "{clip["first_frame"]}"\n')
+    assert main(["batch", str(tmp_path / "jobs.toml"), "--out", str(tmp_path / "b"), "--ray", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--ray 127.0.0.1:{port}: no Ray cluster there" in err[0], err
+    assert not (tmp_path / "b").exists()
