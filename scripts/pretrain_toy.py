@@ -114,6 +114,8 @@ def new_transformer(args, device):
     """A freshly initialised transformer: built on the CPU from the seed, so the start is the same on any device."""
     from diffusers import WanTransformer3DModel
 
+    if getattr(args, "dit_init", None):  # continue from trained weights (its shape was taken in parse_args)
+        return WanTransformer3DModel.from_pretrained(args.dit_init, torch_dtype=torch.float32).to(device)
     torch.manual_seed(args.seed + 5)
     return WanTransformer3DModel(**transformer_config(args)).to(device)
 
@@ -789,6 +791,9 @@ def parse_args(argv=None):
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--ffn", type=int, default=768)
+    ap.add_argument("--dit-init", dest="dit_init", default="", metavar="FOLDER",
+                    help="start the transformer from these weights (a transformer folder, e.g. "
+                         "loraedit/toymodel/transformer) instead of a fresh initialisation; its config sets the shape")
     ap.add_argument("--candidates", default="", metavar="LxHxDxF[,...]",
                     help="train these transformers (layers x heads x head dim x FFN) side by side on the same data, "
                          "each saved in OUT/dit-LxHxDxF/transformer; overrides --layers/--heads/--head-dim/--ffn")
@@ -844,6 +849,16 @@ def parse_args(argv=None):
             ap.error(f"--candidates {args.candidates}: give LAYERSxHEADSxHEAD_DIMxFFN[,...], e.g. 6x4x32x512,8x6x32x768")
         if not args.init_from:
             ap.error("--candidates trains transformers only: it needs --init-from (a folder with the VAE)")
+    if args.dit_init:
+        cfg_file = Path(args.dit_init) / "config.json"
+        if not cfg_file.is_file():
+            ap.error(f"--dit-init {args.dit_init}: not a transformer folder (no config.json); pass e.g. "
+                     "loraedit/toymodel/transformer")
+        if args.candidates or not args.init_from:
+            ap.error("--dit-init continues one transformer: leave out --candidates, and keep --init-from (the VAE)")
+        cfg = json.loads(cfg_file.read_text())
+        args.layers, args.heads = cfg["num_layers"], cfg["num_attention_heads"]
+        args.head_dim, args.ffn = cfg["attention_head_dim"], cfg["ffn_dim"]
     if args.dit_batch < 2:
         ap.error("--dit-batch must be at least 2 (half the noise levels uniform, half shifted)")
     return args
