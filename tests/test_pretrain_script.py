@@ -137,3 +137,35 @@ def test_object_coverage_on_the_latent_grid_and_the_weighted_loss():
     weighted = mod.object_weighted_loss(*args, 4.0)
     assert torch.isclose(plain, torch.tensor(4.0 / 48))
     assert weighted > 3 * plain  # the object's cell counts 5x, the mean weight is 1 + 4 * 1.5 / 48
+
+
+def test_dit_init_continues_from_the_given_weights_and_refuses_a_bad_folder(tmp_path, tiny_model):
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("pretrain_toy", mod)
+    spec.loader.exec_module(sys.modules["pretrain_toy"])
+    mod = sys.modules["pretrain_toy"]
+    folder = tiny_model / "transformer"
+    args = mod.parse_args(["--device", "cpu", "--init-from", str(tiny_model), "--dit-init", str(folder)])
+    config = json.loads((folder / "config.json").read_text())
+    assert (args.layers, args.heads, args.ffn) == (config["num_layers"], config["num_attention_heads"], config["ffn_dim"])
+    from diffusers import WanTransformer3DModel
+
+    saved = WanTransformer3DModel.from_pretrained(folder).state_dict()
+    started = mod.new_transformer(args, torch.device("cpu")).state_dict()
+    assert saved.keys() == started.keys() and all(torch.equal(saved[k], started[k].to(saved[k].dtype)) for k in saved)
+    fresh = mod.new_transformer(mod.parse_args(["--device", "cpu", "--init-from", str(tiny_model), "--layers",
+                                                str(config["num_layers"]), "--heads", str(config["num_attention_heads"]),
+                                                "--head-dim", str(config["attention_head_dim"]),
+                                                "--ffn", str(config["ffn_dim"])]), torch.device("cpu"))
+    assert any(not torch.equal(v, saved[k]) for k, v in fresh.state_dict().items() if k in saved)
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_toy.py"), "--device", "cpu",
+                        "--dit-init", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--dit-init" in r.stderr and "not a transformer folder" in r.stderr
+    assert not (tmp_path / "o").exists()
