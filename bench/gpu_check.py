@@ -47,7 +47,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L40S"
 def rows_for(tiny: bool) -> list[dict]:
     """Every row, in order of value. Each: what to run and the estimated seconds it takes on an H100.
 
-    The `speed` rows (compile, batched guidance, render cache, TI2V at 49 frames, swap40) come first:
+    The `speed` rows (compile, batched guidance, render cache, TI2V at 49 frames, swap40, 720P) come first:
     the rows after them were measured on an H200 already (bench/results/gpu_check_2026-11-26_H200*.json),
     so `--rows speed` runs just the new ones, most valuable first, and a short budget cuts the least.
     """
@@ -63,6 +63,9 @@ def rows_for(tiny: bool) -> list[dict]:
         dict(name="speed: ti2v5b render bf16 49x1280x704", kind="render", model=ti2v, mode="bf16", frames=49, variants=["sequential", "batched"],
              steps=1, est=25),
         dict(name="speed: train bf16-swap40", kind="train", model=m, mode="bf16-swap40", steps=2, est=50),
+        # Wan2.1-I2V-14B-720P at 49x1280x720 (46,800 tokens): the same weights as 480P, 2.3x the tokens
+        dict(name="speed: 720p train bf16 49x1280x720", kind="train", model="tiny" if tiny else "wan2.1-i2v-14b-720p",
+             mode="bf16", steps=1, est=90),
         dict(name="train bf16", kind="train", model=m, mode="bf16", est=35),
         dict(name="train bf16-offload", kind="train", model=m, mode="bf16-offload", est=35),
         dict(name="train fp8", kind="train", model=m, mode="fp8", est=35),
