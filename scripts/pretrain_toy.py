@@ -111,7 +111,8 @@ def transformer_config(args) -> dict:
 
 
 def new_transformer(args, device):
-    """A freshly initialised transformer: built on the CPU from the seed, so the start is the same on any device."""
+    """A freshly initialised transformer, built on the CPU from the seed so the start is the same on any device;
+    with --dit-init, that folder's weights."""
     from diffusers import WanTransformer3DModel
 
     if getattr(args, "dit_init", None):  # continue from trained weights (its shape was taken in parse_args)
@@ -910,6 +911,8 @@ def run(args, device, renderer: ClipRenderer) -> int:
                      "argv": sys.argv[1:], "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "vae": [], "dit": [], "dec": []}
+    if args.dit_init:  # the starting weights are an input of the result: record which bytes they were
+        history["dit_init_sha256"] = weight_hashes(Path(args.dit_init))
     log(f"device {history['device']}, torch {torch.__version__}, diffusers {diffusers.__version__}")
     eval_iter = renderer.clips(EVAL_SEEDS[:args.eval_clips])
     train_seeds = [TRAIN_SEED_BASE + 100_000 + i for i in range(args.dit_clips)]
