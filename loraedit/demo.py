@@ -25,10 +25,12 @@ import numpy as np
 TOY_MODEL = Path(__file__).resolve().parent / "toymodel"
 
 # The demo's settings (chosen on the toy model; see docs/toy.md). The engine's defaults are the
-# paper's (lr 1e-4, 100 + 100 steps, CFG 5, 30 render steps), tuned for a 14B model.
+# paper's (lr 1e-4, 100 + 100 steps, CFG 5, 30 render steps, stage 2 training on the video every 10th
+# step), tuned for a 14B model. Stage 2 here trains on the video every 2nd step: on the claims bench
+# that keeps the background (PSNR out 23.17 vs 21.42 dB with every 10th) at no cost to the back face.
 DEMO_SEED = 3
-DEMO = dict(frames=17, size="128x128", steps=150, ref_steps=50, lr=1e-4, rank=16, render_steps=20, guidance=1.0,
-            shift=5.0)
+DEMO = dict(frames=17, size="128x128", steps=150, ref_steps=50, ref_video_every=2, lr=1e-4, rank=16, render_steps=20,
+            guidance=1.0, shift=5.0)
 
 log = logging.getLogger("loraedit")
 
@@ -57,7 +59,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 def edit_argv(inputs: dict, run_dir: Path, *, model: str, prompt: str, steps: int, ref_steps: int,
               edit_prompt: str | None = None,
               render_steps: int, seed: int = 0, device: str = "cpu", quiet: bool = False, mode: str = "mask-aware",
-              mask_style: str = "bbox", reference: bool = True, lr: float = DEMO["lr"], extra=()) -> list[str]:
+              mask_style: str = "bbox", reference: bool = True, lr: float = DEMO["lr"],
+              ref_video_every: int = DEMO["ref_video_every"], extra=()) -> list[str]:
     """The `loraedit edit` command line for a world clip written by `world.write_clip`."""
     argv = ["edit", "--model", model, "--video", str(inputs["source_lossless"]),
             "--first-frame", str(inputs["first_frame"]), "--mask", str(inputs["mask"]), "--out", str(run_dir),
@@ -68,7 +71,8 @@ def edit_argv(inputs: dict, run_dir: Path, *, model: str, prompt: str, steps: in
     if edit_prompt is not None:
         argv += ["--edit-prompt", edit_prompt]
     if reference and ref_steps > 0:
-        argv += ["--ref", f"{inputs['reference_frame']}={inputs['reference']}", "--ref-steps", str(ref_steps)]
+        argv += ["--ref", f"{inputs['reference_frame']}={inputs['reference']}", "--ref-steps", str(ref_steps),
+                 "--ref-video-every", str(ref_video_every)]
     if quiet:
         argv.append("-q")
     return argv + list(extra)
@@ -81,7 +85,8 @@ def read_frames(folder: Path, n: int) -> np.ndarray:
 
 
 def format_metrics(rows: dict[str, dict[str, float]]) -> str:
-    cols = [("psnr_in", "PSNR in (dB)"), ("colour_err_in", "colour err in"), ("psnr_back", "PSNR back (dB)"),
+    cols = [("psnr_in", "PSNR in (dB)"), ("colour_err_in", "colour err in"), ("colour_err_front", "colour front"),
+            ("colour_err_back", "colour back"), ("psnr_back", "PSNR back (dB)"),
             ("psnr_out", "PSNR out (dB)"), ("first_psnr", "frame-0 PSNR"), ("temporal_err", "temporal err")]
     head = f"{'':24s}" + "".join(f"{c[1]:>16s}" for c in cols)
     lines = [head]
@@ -140,6 +145,9 @@ def run_demo(args) -> int:
         "metrics_help": {
             "psnr_in": "PSNR inside the object's true region, frames 1…F-1 (dB, higher is better)",
             "colour_err_in": "distance of the region's mean colour from the truth's, RGB 0-255 (lower is better)",
+            "colour_err_front": "colour_err_in on the frames that show the object's front face (what frame 0 shows)",
+            "colour_err_back": "colour_err_in on the frames that show its back face (only the reference shows it)",
+            "psnr_front": "PSNR inside the region on frames that show the object's front face (dB)",
             "psnr_back": "PSNR inside the region on frames that show the object's back face (dB)",
             "psnr_out": "PSNR outside the region, frames 1…F-1 (dB): background preservation",
             "first_psnr": "frame 0 vs. the edited first frame (dB)",

@@ -309,13 +309,16 @@ class Scene:
         return cv2.warpAffine(self.bg, M, (self.width, self.height), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REFLECT)
 
-    def frame(self, t: float, edited: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(H, W, 3) uint8 frame at time t and the main object's coverage alpha (H, W)."""
+    def frame(self, t: float, edited: bool = False, faces: tuple[Face, Face] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W, 3) uint8 frame at time t and the main object's coverage alpha (H, W); `faces` (front, back)
+        paints the main object with other faces than the source's or the edit's."""
         img = self.background(t)
         if self.distractor is not None:
             col, a = self.distractor.draw(t, self.width, self.height)
             img = img * (1 - a[..., None]) + col * a[..., None]
-        col, a = self.main.draw(t, self.width, self.height, edit=self.edit if edited else None)
+        if faces is None:
+            faces = self.edit if edited else None
+        col, a = self.main.draw(t, self.width, self.height, edit=faces)
         img = img * (1 - a[..., None]) + col * a[..., None]
         return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), a
 
@@ -354,6 +357,20 @@ def make_clip(seed: int, frames: int = 17, width: int = 128, height: int = 128, 
     if width % 16 or height % 16:
         raise ValueError("width and height must be multiples of 16")
     return Scene(seed, width=width, height=height, frames=frames, **kwargs).clip()
+
+
+def first_frame_bound(seed: int, frames: int = 17, width: int = 128, height: int = 128, edited: bool = True,
+                      **kwargs) -> np.ndarray:
+    """(F, H, W, 3) uint8: the best video any model can make from the first frame alone.
+
+    The exact motion, with the object's back face painted as its front face: frame 0 shows only the
+    front, so the back face's colour (a hue 0.25–0.75 away) cannot be known without a later frame
+    (a reference). Scored by `clip_metrics` against the truth it bounds every variant without a
+    reference; `edited=False` gives the bound for the source video.
+    """
+    scene = Scene(seed, width=width, height=height, frames=frames, **kwargs)
+    front = scene.edit[0] if edited else scene.main.front
+    return np.stack([scene.frame(float(i), faces=(front, front))[0] for i in range(frames)])
 
 
 def write_clip(clip: WorldClip, folder: str | Path) -> dict[str, Path]:
@@ -420,20 +437,27 @@ def clip_metrics(result: np.ndarray, clip: WorldClip) -> dict[str, float]:
     region, averaged over frames; psnr_out: outside the region; first_psnr: frame 0 vs. the edited
     first frame; temporal_err: mean |Δresult - Δtruth| over consecutive frames (0–255; lower = motion
     as steady as the truth's); psnr_back: inside the region on frames showing the back face.
+    colour_err_front / colour_err_back / psnr_front split the object's frames by the face they show:
+    the front face is what the first frame determines, the back face only a reference frame shows.
     """
     F = min(len(result), clip.frames)
     res, tru = result[:F], clip.truth[:F]
     core = clip.alpha[:F] >= 0.5
     out = ~clip.region[:F]
     later = slice(1, F)
-    errs = []
+    errs, front_errs, back_errs = [], [], []
     for i in range(1, F):
         if core[i].sum() >= 4:
-            errs.append(float(np.linalg.norm(res[i][core[i]].mean(0).astype(np.float64)
-                                             - tru[i][core[i]].mean(0).astype(np.float64))))
+            e = float(np.linalg.norm(res[i][core[i]].mean(0).astype(np.float64)
+                                     - tru[i][core[i]].mean(0).astype(np.float64)))
+            errs.append(e)
+            (front_errs if clip.front_visible[i] else back_errs).append(e)
     back = np.zeros(F, bool)
     back[1:] = ~clip.front_visible[1:F]
     mask_back = core & back[:, None, None]
+    front = np.zeros(F, bool)
+    front[1:] = clip.front_visible[1:F]
+    mask_front = core & front[:, None, None]
     dr = np.diff(res.astype(np.float64), axis=0)
     dt = np.diff(tru.astype(np.float64), axis=0)
     return {
@@ -443,4 +467,7 @@ def clip_metrics(result: np.ndarray, clip: WorldClip) -> dict[str, float]:
         "first_psnr": psnr(res[0], tru[0]),
         "temporal_err": float(np.abs(dr - dt).mean()) if F > 1 else 0.0,
         "psnr_back": psnr(res, tru, mask_back) if mask_back.any() else float("nan"),
+        "psnr_front": psnr(res, tru, mask_front) if mask_front.any() else float("nan"),
+        "colour_err_front": float(np.mean(front_errs)) if front_errs else float("nan"),
+        "colour_err_back": float(np.mean(back_errs)) if back_errs else float("nan"),
     }

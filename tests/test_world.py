@@ -74,3 +74,25 @@ def test_write_clip_gives_the_edit_command_its_inputs(clips, tmp_path):
     masks = sorted(p["mask"].glob("*.png"))
     assert len(masks) == c.frames
     assert np.array_equal(read_image(masks[3])[..., 0] > 127, c.region[3])
+
+
+def test_first_frame_bound_keeps_the_motion_and_cannot_know_the_back_face(clips):
+    """The no-reference bound is exact where the front face shows and wrong where the back face shows:
+    so the colour error splits into a front part (zero for the bound) and a back part (large)."""
+    from loraedit.world import first_frame_bound
+
+    c = clips[0]
+    bound = first_frame_bound(c.seed, frames=c.frames)
+    assert bound.shape == c.truth.shape
+    m = clip_metrics(bound, c)
+    assert m["psnr_out"] == 99.0 and m["first_psnr"] == 99.0
+    assert m["colour_err_front"] == 0.0 and m["colour_err_back"] > 30
+    assert m["psnr_front"] == 99.0 and m["psnr_back"] < 20
+    # the same split for the truth itself is perfect on both faces, and the source is wrong on both
+    t = clip_metrics(c.truth, c)
+    assert t["colour_err_front"] == 0.0 and t["colour_err_back"] == 0.0
+    s = clip_metrics(c.source, c)
+    assert s["colour_err_front"] > 30 and s["colour_err_back"] > 30
+    # the source-frame bound against the source video
+    src = first_frame_bound(c.seed, frames=c.frames, edited=False)
+    assert np.array_equal(src[0], c.source[0])
