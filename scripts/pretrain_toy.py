@@ -9,6 +9,11 @@
     # a candidate as a model folder:
     cp -r loraedit/toymodel M && rm -r M/transformer && cp -r runs/toy-gpu/dit-6x4x32x512/transformer M/
 
+    # the decoder alone, refined on the bundled VAE (the encoder and every latent stay as they were):
+    # how the bundled model's vae/ was made on 2026-11-27 (its model card has the flags)
+    python scripts/pretrain_toy.py --device cpu --threads 2 --init-from loraedit/toymodel --decoder-only \
+        --out runs/toy_dec --dec-steps 800 --dec-batch 1 --dec-frames 9 --dec-crop 96 --dec-first-frames 2 --vae-clips 192
+
     # everything, the VAE included (sized for a GPU: on a CPU pass far smaller --dit-* values)
     python scripts/pretrain_toy.py --device cpu --threads 2 --init-from none --out runs/toymodel
 
@@ -36,8 +41,10 @@ text/image encoders); only the sizes differ. Four phases:
    the velocity error weighted up on the moving object's latent cells (--object-weight); weights averaged
    with an EMA (the EMA is what is saved). --candidates trains several shapes side by side (threads). A held-out evaluation follows: velocity
    loss at fixed noise levels and stock-I2V rollouts (20 sampling steps) scored against the world's truth.
-4. Decoder refinement (only when the VAE was trained here): the decoder alone on full 17-frame crops
-   (encoder frozen, so the transformer's latents and the latent mean/std stay valid).
+4. Decoder refinement (when the VAE was trained here, or alone with --decoder-only): the decoder alone on
+   17-frame crops (--dec-frames, --dec-crop) and, with --dec-first-frames, whole single frames, the path
+   a video's first frame takes through the causal VAE (encoder frozen, so the transformer's latents and
+   the latent mean/std stay valid).
 
 Every number that shapes the result is a flag. Every schedule counts steps, never wall time, and every
 random draw comes from a generator seeded from --seed, so the weights are a pure function of the flags,
@@ -332,9 +339,22 @@ def train_vae(vae, args, history: dict, eval_clips, renderer: ClipRenderer, devi
     vae.eval()
 
 
+def first_frame_sample(clip, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One whole frame (any frame of the source or truth can be the first frame of an edit) as a 1-frame
+    video, and the object's coverage: the causal VAE encodes and decodes a video's first frame alone, from
+    one latent frame, so this trains exactly that path at the size the demo and the bench use."""
+    video = clip.truth if rng.uniform() < 0.5 else clip.source
+    f = int(rng.integers(0, len(video)))
+    frame, a = video[f:f + 1], clip.alpha[f:f + 1]
+    if rng.uniform() < 0.5:
+        frame, a = frame[:, :, ::-1], a[:, :, ::-1]
+    return np.ascontiguousarray(frame), np.ascontiguousarray(a)
+
+
 def refine_decoder(vae, args, history: dict, renderer: ClipRenderer, device) -> None:
     """Phase 4: more training for the decoder alone. The encoder is frozen, so the latents the
-    transformer was trained on (and their mean/std) do not change; only the pictures get sharper."""
+    transformer was trained on (and their mean/std) do not change; only the pictures get sharper.
+    --dec-first-frames adds whole single frames to each step: the first frame's own decoding path."""
     rng = np.random.default_rng(args.seed + 3)
     pool = list(renderer.clips([TRAIN_SEED_BASE + 200_000 + i for i in range(args.vae_clips)]))
     for q in vae.parameters():
@@ -348,14 +368,20 @@ def refine_decoder(vae, args, history: dict, renderer: ClipRenderer, device) -> 
     for step in range(args.dec_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(progress(step, args.dec_steps), args.dec_lr, warmup=0.0)
-        crops = [vae_crop(pool[rng.integers(len(pool))], rng, args.dec_frames, args.vae_crop, 0.5)
+        crops = [vae_crop(pool[rng.integers(len(pool))], rng, args.dec_frames, args.dec_crop or args.vae_crop, 0.5)
                  for _ in range(args.dec_batch)]
-        x = torch.stack([to_tensor(c) for c, _ in crops]).to(device)
-        alpha = torch.from_numpy(np.stack([a for _, a in crops])).to(device)
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.mode()
-        rec = vae.decode(z).sample
-        l1, mse = reconstruction_loss(rec, x, alpha, args.vae_object_weight)
+        batches = [crops]
+        if args.dec_first_frames:
+            batches.append([first_frame_sample(pool[rng.integers(len(pool))], rng) for _ in range(args.dec_first_frames)])
+        l1 = mse = 0.0
+        for part in batches:  # clips and single frames differ in size: one forward each, losses averaged
+            x = torch.stack([to_tensor(c) for c, _ in part]).to(device)
+            alpha = torch.from_numpy(np.stack([a for _, a in part])).to(device)
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.mode()
+            rec = vae.decode(z).sample
+            pl1, pmse = reconstruction_loss(rec, x, alpha, args.vae_object_weight)
+            l1, mse = l1 + pl1 / len(batches), mse + pmse / len(batches)
         loss = l1 + mse
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -363,7 +389,9 @@ def refine_decoder(vae, args, history: dict, renderer: ClipRenderer, device) -> 
         opt.step()
         history["dec"].append({"step": step, "l1": l1.item(), "mse": mse.item(), "seconds": time.time() - t0})
         if step % 25 == 0:
-            log(f"decoder step {step}/{args.dec_steps} l1={l1.item():.4f} mse={mse.item():.5f}")
+            el = time.time() - t0
+            log(f"decoder step {step}/{args.dec_steps} l1={l1.item():.4f} mse={mse.item():.5f} "
+                f"({el / 60:.1f} min, ETA {el / max(step, 1) * (args.dec_steps - step) / 60:.1f} min)")
     vae.eval()
     for q in vae.parameters():
         q.requires_grad_(False)
@@ -832,6 +860,12 @@ def parse_args(argv=None):
     ap.add_argument("--dec-lr", type=float, default=2e-4)
     ap.add_argument("--dec-frames", type=int, default=17, help="full clips, so every causal chunk is refined")
     ap.add_argument("--dec-batch", type=int, default=2)
+    ap.add_argument("--dec-crop", type=int, default=0, help="crop size of the decoder's clips (0: --vae-crop)")
+    ap.add_argument("--dec-first-frames", type=int, default=0,
+                    help="whole single frames per decoder step: the first frame's own decoding path")
+    ap.add_argument("--decoder-only", action="store_true",
+                    help="with --init-from: refine that folder's VAE decoder alone (phase 4: --dec-* flags) and write "
+                         "OUT/vae and training.json; the encoder, so every latent and the transformer, stays valid")
     args = ap.parse_args(argv)
     if args.init_from and args.init_from.lower() == "none":
         args.init_from = None
@@ -860,6 +894,8 @@ def parse_args(argv=None):
         cfg = json.loads(cfg_file.read_text())
         args.layers, args.heads = cfg["num_layers"], cfg["num_attention_heads"]
         args.head_dim, args.ffn = cfg["attention_head_dim"], cfg["ffn_dim"]
+    if args.decoder_only and not args.init_from:
+        ap.error("--decoder-only refines the decoder of --init-from's VAE: pass --init-from (e.g. loraedit/toymodel)")
     if args.dit_batch < 2:
         ap.error("--dit-batch must be at least 2 (half the noise levels uniform, half shifted)")
     return args
@@ -915,6 +951,8 @@ def run(args, device, renderer: ClipRenderer) -> int:
         history["dit_init_sha256"] = weight_hashes(Path(args.dit_init))
     log(f"device {history['device']}, torch {torch.__version__}, diffusers {diffusers.__version__}")
     eval_iter = renderer.clips(EVAL_SEEDS[:args.eval_clips])
+    if args.decoder_only:
+        return run_decoder_only(args, device, renderer, history, eval_iter)
     train_seeds = [TRAIN_SEED_BASE + 100_000 + i for i in range(args.dit_clips)]
     train_iter = renderer.clips(train_seeds, True) if args.init_from else None  # renders while the models load
     cands = candidate_args(args)
@@ -1022,6 +1060,30 @@ def run(args, device, renderer: ClipRenderer) -> int:
     if args.pack:
         parts = pack(out, Path(args.pack), int(args.pack_part_mb * 1e6))
         log(f"packed into {len(parts)} parts in {args.pack}: {', '.join(p.name for p in parts)}")
+    return 0
+
+
+def run_decoder_only(args, device, renderer: ClipRenderer, history: dict, eval_iter) -> int:
+    """--decoder-only: the --init-from VAE with its decoder refined; written as OUT/vae (cp it over a model
+    folder's vae/). The held-out VAE evaluation before and after is in training.json."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(args.init_from, subfolder="vae").to(device).eval()
+    eval_clips = list(eval_iter)
+    history["vae_eval_before"] = vae_eval(vae, eval_clips)
+    log(f"VAE from {args.init_from}: held-out {history['vae_eval_before']}")
+    refine_decoder(vae, args, history, renderer, device)
+    history["vae_eval_refined"] = vae_eval(vae, eval_clips)
+    log(f"decoder refined: {history['dec_steps']} steps in {history['dec_seconds']:.0f}s, held-out "
+        f"{history['vae_eval_refined']}")
+    out = Path(args.out)
+    shutil.rmtree(out / "vae", ignore_errors=True)
+    vae.to("cpu").save_pretrained(out / "vae", safe_serialization=True)
+    history["weights_sha256"] = weight_hashes(out)
+    history["total_seconds"] = time.time() - T_START
+    write_summary(out / "training.json", history)
+    for name, digest in history["weights_sha256"].items():
+        log(f"sha256 {digest}  {name}")
     return 0
 
 

@@ -170,3 +170,36 @@ def test_dit_init_continues_from_the_given_weights_and_refuses_a_bad_folder(tmp_
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--dit-init" in r.stderr and "not a transformer folder" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_decoder_only_refines_the_decoder_and_leaves_every_latent_as_it_was(tmp_path, tiny_model):
+    """--decoder-only (how the bundled VAE's decoder was refined): the same flags give the same bytes, the
+    encoder's weights (so every latent the transformer was trained on) are the --init-from folder's, the
+    decoder's are not, and whole single frames (the first frame's own decoding path) are part of the steps."""
+    import torch
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import load_file
+
+    flags = ["--init-from", str(tiny_model), "--decoder-only", "--dec-steps", "2", "--dec-batch", "1",
+             "--dec-frames", "5", "--dec-crop", "32", "--dec-first-frames", "1", "--vae-clips", "2"]
+    a = pretrain(tmp_path / "a", 0, *flags)
+    b = pretrain(tmp_path / "b", 0, *flags)
+    assert sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file()) == [
+        "training.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    assert weights_digest(a) == weights_digest(b)
+    old = load_file(tiny_model / "vae" / "diffusion_pytorch_model.safetensors")
+    new = load_file(a / "vae" / "diffusion_pytorch_model.safetensors")
+    assert old.keys() == new.keys()
+    enc = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in old if k.startswith(("decoder.", "post_quant_conv."))]
+    assert enc and dec
+    assert all(torch.equal(old[k], new[k]) for k in enc)
+    assert any(not torch.equal(old[k], new[k]) for k in dec)
+    summary = json.loads((a / "training.json").read_text())
+    assert summary["dec_steps"] == 2 and {"vae_eval_before", "vae_eval_refined"} <= set(summary)
+    assert AutoencoderKLWan.from_pretrained(a / "vae").config.latents_mean == \
+        AutoencoderKLWan.from_pretrained(tiny_model / "vae").config.latents_mean
+    # without a VAE to refine: one line, exit 2
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_toy.py"), "--device", "cpu", "--init-from",
+                        "none", "--decoder-only", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "--decoder-only" in r.stderr and not (tmp_path / "o").exists()
