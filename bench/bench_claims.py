@@ -181,10 +181,8 @@ def main(argv=None) -> int:
     n_clips = min(args.clips, len(SEEDS))
     table = format_metrics(means)
     header = (f"claims benchmark: {n_clips} clips (world seeds {SEEDS[:n_clips]}), 17 frames 128x128, toy model; "
-              f"stage 1 {steps} steps, stage 2 {ref_steps} steps"
-              + f" (video every {ref_video_every})"
-              + f", lr {lr}, render {render_steps} steps, guidance "
-              f"{DEMO['guidance']}; {time.perf_counter() - t0:.0f} s")
+              f"stage 1 {steps} steps, stage 2 {ref_steps} steps (video every {ref_video_every}), lr {lr}, "
+              f"render {render_steps} steps, guidance {DEMO['guidance']}; {time.perf_counter() - t0:.0f} s")
     print("\n" + header + "\n" + table)
 
     def wins(a, b, key, higher=True):
