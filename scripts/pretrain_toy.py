@@ -9,10 +9,10 @@
     # a candidate as a model folder:
     cp -r loraedit/toymodel M && rm -r M/transformer && cp -r runs/toy-gpu/dit-6x4x32x512/transformer M/
 
-    # the decoder alone, refined on the bundled VAE (the encoder and every latent stay as they were): the
-    # 2026-11-27 candidate (14 min on 2 cores; not shipped yet: docs/toy.md has its figures). Use whole
-    # 17-frame clips: with --dec-frames 9 the decoding of the last latent frames drifted (-2 dB)
-    python scripts/pretrain_toy.py --device cpu --threads 2 --init-from loraedit/toymodel --decoder-only \
+    # the decoder alone, refined (the encoder and every latent stay as they were). With M = the output of
+    # commit 8f2eca5's script, this is how the shipped VAE was made (14 min on 2 cores; MODEL_CARD.md). Use
+    # whole 17-frame clips: with --dec-frames 9 the decoding of the last latent frames drifted (-2 dB)
+    python scripts/pretrain_toy.py --device cpu --threads 2 --workers 1 --init-from M --decoder-only \
         --out runs/toy_dec17 --dec-steps 400 --dec-batch 1 --dec-frames 17 --dec-crop 64 --dec-first-frames 2 \
         --dec-lr 2e-4 --vae-clips 192
 
