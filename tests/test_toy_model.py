@@ -61,9 +61,10 @@ def test_vae_reconstructs_the_world_and_keeps_the_objects_colour():
     assert clip_metrics(rec, clip)["colour_err_in"] < 75.0
 
 
-def test_vae_gives_the_demo_its_first_frame_back_without_a_colour_cast():
+def test_vae_gives_the_demo_its_first_frame_back_with_the_green_cast_reduced():
     """The edit starts from frame 0. On the demo's clip the first VAE's decoder cast it green (16.6 dB, mean
-    green 131 against 76); the shipped decoder was refined on whole first frames (MODEL_CARD.md, phase 5)."""
+    green 131 against 76). The shipped decoder, refined on whole first frames (MODEL_CARD.md, phase 5), gives
+    19.4 dB and green 114: a weaker cast, not none."""
     from diffusers import AutoencoderKLWan
 
     from loraedit.demo import DEMO, DEMO_SEED
