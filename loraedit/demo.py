@@ -109,8 +109,11 @@ def run_demo(args) -> int:
         torch.set_num_threads(args.threads)
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
-        raise InputError(f"{model}: the toy model is missing; reinstall loraedit (the package ships loraedit/toymodel) "
-                         "or rebuild it with scripts/pretrain_toy.py")
+        if model.resolve() == TOY_MODEL.resolve():
+            raise InputError(f"{model}: the toy model is missing; reinstall loraedit (the package ships "
+                             "loraedit/toymodel) or rebuild it with scripts/pretrain_toy.py")
+        raise InputError(f"--model {model}: no model_index.json there; pass a diffusers Wan I2V folder, or leave "
+                         "--model out for the bundled toy model")
     out = Path(args.out)
     t0 = time.perf_counter()
     clip = make_clip(args.seed, frames=DEMO["frames"])

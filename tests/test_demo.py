@@ -29,3 +29,12 @@ def test_short_demo_writes_every_output(tmp_path):
     assert set(m) >= {"psnr_in", "colour_err_in", "psnr_out", "first_psnr", "temporal_err"}
     assert all(np.isfinite(v) for k, v in m.items() if k != "psnr_back")
     assert record["reference_frame"] is not None and "--ref" in record["command"]
+
+
+def test_demo_names_a_wrong_model_folder_and_the_fix(tmp_path, capsys):
+    from loraedit import cli
+
+    rc = cli.main(["demo", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--model" in err and "nowhere" in err and "reinstall" not in err
+    assert not (tmp_path / "o").exists()
