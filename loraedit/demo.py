@@ -100,6 +100,7 @@ def run_demo(args) -> int:
 
     from loraedit import cli
     from loraedit.errors import InputError
+    from loraedit.models import check_model
     from loraedit.files import write_json
     from loraedit.render import contact_sheet
     from loraedit.video import write_png, write_video
@@ -108,12 +109,10 @@ def run_demo(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = Path(args.model)
-    if not (model / "model_index.json").is_file():
-        if model.resolve() == TOY_MODEL.resolve():
-            raise InputError(f"{model}: the toy model is missing; reinstall loraedit (the package ships "
-                             "loraedit/toymodel) or rebuild it with scripts/pretrain_toy.py")
-        raise InputError(f"--model {model}: no model_index.json there; pass a diffusers Wan I2V folder, or leave "
-                         "--model out for the bundled toy model")
+    if model.resolve() == TOY_MODEL.resolve() and not (model / "model_index.json").is_file():
+        raise InputError(f"{model}: the toy model is missing; reinstall loraedit (the package ships "
+                         "loraedit/toymodel) or rebuild it with scripts/pretrain_toy.py")
+    check_model(str(model))  # any other --model: the engine's own check, before the clip is rendered
     out = Path(args.out)
     t0 = time.perf_counter()
     clip = make_clip(args.seed, frames=DEMO["frames"])
