@@ -26,24 +26,30 @@ def weights_digest(folder: Path, part: str = "") -> str:
     return h.hexdigest()
 
 
-def pretrain(out: Path, seed: int, *extra: str) -> Path:
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_toy.py"), "--seed", str(seed), "--out", str(out),
-                        *SMALL, *extra], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out
+def pretrain_together(*runs: tuple) -> list[Path]:
+    """Several (out, seed, *flags) runs of the script at once: each is one torch thread, so on a machine
+    with two cores or more they share the cores instead of waiting for each other (half the test's time)."""
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "pretrain_toy.py"), "--seed", str(seed),
+                               "--out", str(out), *SMALL, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for out, seed, *extra in runs]
+    for p in procs:
+        out, err = p.communicate()
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+    return [run[0] for run in runs]
 
 
 def test_same_seed_same_weights_budget_reproducible_frozen_parts_copied_and_packed(tmp_path, tiny_model):
     from diffusers import WanImageToVideoPipeline
 
     init = ["--init-from", str(tiny_model), "--dit-warmup", "10"]
-    a = pretrain(tmp_path / "a", 0, *init, "--dit-steps", "4", "--check-determinism", "2",
-                 "--pack", str(tmp_path / "packed"), "--pack-part-mb", "0.1")
-    # a budget already spent when the steps are timed (inside the warm-up): the 50-step schedule is cut to the
-    # steps done + 1 = 4, and the weights are those of the 4-step run
-    b = pretrain(tmp_path / "b", 0, *init, "--dit-steps", "50", "--dit-calibrate", "3", "--budget", "1",
-                 "--budget-reserve", "0", "--no-eval-baseline")
-    c = pretrain(tmp_path / "c", 1, "--init-from", "none", *LEGACY_VAE)
+    # b: a budget already spent when the steps are timed (inside the warm-up): the 50-step schedule is cut to
+    # the steps done + 1 = 4, and the weights are those of the 4-step run a
+    a, b, c = pretrain_together(
+        (tmp_path / "a", 0, *init, "--dit-steps", "4", "--check-determinism", "2",
+         "--pack", str(tmp_path / "packed"), "--pack-part-mb", "0.1"),
+        (tmp_path / "b", 0, *init, "--dit-steps", "50", "--dit-calibrate", "3", "--budget", "1",
+         "--budget-reserve", "0", "--no-eval-baseline"),
+        (tmp_path / "c", 1, "--init-from", "none", *LEGACY_VAE))
     summary_b = json.loads((b / "training.json").read_text())
     assert summary_b["dit_steps_requested"] == 50 and summary_b["dit_steps"] == summary_b["dit_steps_run"] == 4
     assert weights_digest(a, "transformer") == weights_digest(b, "transformer")
@@ -78,9 +84,10 @@ def test_candidates_train_side_by_side_with_the_bytes_each_has_alone_and_write_o
     from diffusers import WanImageToVideoPipeline
 
     common = ["--init-from", str(tiny_model), "--dit-warmup", "10", "--dit-steps", "3", "--weights-only"]
-    both = pretrain(tmp_path / "both", 0, *common, "--candidates", "2x2x16x64,3x2x16x64", "--check-determinism", "2",
-                    "--log-file", str(tmp_path / "both" / "log.txt"))
-    alone = pretrain(tmp_path / "alone", 0, *common, "--candidates", "3x2x16x64", "--no-eval-baseline")
+    both, alone = pretrain_together(
+        (tmp_path / "both", 0, *common, "--candidates", "2x2x16x64,3x2x16x64", "--check-determinism", "2",
+         "--log-file", str(tmp_path / "both" / "log.txt")),
+        (tmp_path / "alone", 0, *common, "--candidates", "3x2x16x64", "--no-eval-baseline"))
     names = ("dit-2x2x16x64", "dit-3x2x16x64")
     assert weights_digest(both, names[1]) == weights_digest(alone, names[1])  # nothing leaks between the threads
     assert weights_digest(both, names[0]) != weights_digest(both, names[1])
@@ -103,17 +110,47 @@ def test_candidates_train_side_by_side_with_the_bytes_each_has_alone_and_write_o
     assert WanImageToVideoPipeline.from_pretrained(model).transformer.config.num_layers == 3
 
 
-def test_object_coverage_on_the_latent_grid_and_the_weighted_loss():
+def load_script():
     import importlib.util
-
-    import numpy as np
-    import torch
 
     spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("pretrain_toy", mod)  # its dataclasses look their module up there
     spec.loader.exec_module(sys.modules["pretrain_toy"])
-    mod = sys.modules["pretrain_toy"]
+    return sys.modules["pretrain_toy"]
+
+
+def test_vivid_variant_saturates_every_pixel_the_same_way_for_a_seed_and_keeps_greys():
+    import numpy as np
+
+    mod = load_script()
+    frames = np.zeros((2, 4, 4, 3), np.uint8)
+    frames[:, :2] = (120, 100, 80)  # a muted brown (saturation 0.33)
+    frames[:, 2:] = (90, 90, 90)  # grey
+    a, b = mod.vivid(frames, 7), mod.vivid(frames, 7)
+    assert a.dtype == np.uint8 and a.shape == frames.shape and (a == b).all()  # a pure function of the seed
+    assert (a[:, 2:] == 90).all()  # greys stay grey
+    spread = lambda px: int(px.max()) - int(px.min())
+    assert 1.6 * 40 - 1 <= spread(a[0, 0, 0]) <= 2.4 * 40 + 1  # the gain is in [1.6, 2.4]
+    gains = {spread(mod.vivid(frames, s)[0, 0, 0]) for s in range(8)}
+    assert len(gains) > 3  # drawn per clip, not one fixed gain
+
+    class Clip:
+        seed, caption, edited_caption = 7, "a", "b"
+        source = frames
+        truth = frames[:, ::-1].copy()
+
+    names = ("source", "truth vivid")
+    (src, cap_s), (tv, cap_t) = mod.clip_variants(Clip, names)
+    assert (src == frames).all() and cap_s == "a" and cap_t == "b" and (tv == mod.vivid(Clip.truth, 7)).all()
+    assert mod.variant_names("source,source vivid,truth vivid") == ("source", "source vivid", "truth vivid")
+
+
+def test_object_coverage_on_the_latent_grid_and_the_weighted_loss():
+    import numpy as np
+    import torch
+
+    mod = load_script()
     alpha = np.zeros((9, 32, 32), np.float32)
     alpha[0, :8, :8] = 1.0  # frame 0: one full latent cell
     alpha[1:3, 8:16, :8] = 1.0  # frames 1-2 of the first 4-frame chunk: half a cell's time
@@ -182,8 +219,7 @@ def test_decoder_only_refines_the_decoder_and_leaves_every_latent_as_it_was(tmp_
 
     flags = ["--init-from", str(tiny_model), "--decoder-only", "--dec-steps", "2", "--dec-batch", "1",
              "--dec-frames", "5", "--dec-crop", "32", "--dec-first-frames", "1", "--vae-clips", "2"]
-    a = pretrain(tmp_path / "a", 0, *flags)
-    b = pretrain(tmp_path / "b", 0, *flags)
+    a, b = pretrain_together((tmp_path / "a", 0, *flags), (tmp_path / "b", 0, *flags))
     assert sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file()) == [
         "training.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
     assert weights_digest(a) == weights_digest(b)
