@@ -425,11 +425,11 @@ VARIANTS = ("source", "source mirrored", "truth", "truth mirrored", "source vivi
 
 def vivid(frames: np.ndarray, seed: int) -> np.ndarray:
     """The clip with every pixel's saturation raised by a gain in [1.6, 2.4] drawn from the clip's seed
-    (each pixel pushed away from its own grey). Why: the world's backgrounds are muted (saturation 0.2-0.6)
-    and only the main object (5% of the latent cells) is vivid (0.65-0.95), so a model trained on plain clips
-    learns to carry frame 0's colours forward only for muted colours: on a static clip the bundled model
-    keeps a muted object's colour (error 24-33 on frames 1-5) and loses a vivid one (60-109). Vivid
-    backgrounds put those colours on most of the frame. (F, H, W, 3) uint8 → the same."""
+    (each pixel pushed away from its own grey). The premise: the world's backgrounds are muted (saturation
+    0.2-0.6) and only the main object (5% of the latent cells) is vivid (0.65-0.95), and on a static clip the
+    bundled model keeps a muted object's colour (error 24-33 on frames 1-5) and loses a vivid one (60-109).
+    Measured (docs/toy.md, "Where the colour goes"): a fine-tune with these variants did not carry the colour
+    better; the cause is the VAE's code (frame 0's latent holds little green). (F, H, W, 3) uint8 → the same."""
     gain = 1.6 + 0.8 * float(np.random.default_rng([int(seed), 1729]).uniform())
     f = frames.astype(np.float32)
     grey = f.mean(-1, keepdims=True)
