@@ -102,6 +102,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not (Path(args.model) / "vae" / "config.json").is_file():
+        print(f"--model {args.model}: not a toy model folder (no vae/config.json); pass e.g. loraedit/toymodel",
+              file=sys.stderr)
+        return 2
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan.from_pretrained(Path(args.model) / "vae").eval()
