@@ -311,14 +311,21 @@ def train_vae(vae, args, history: dict, eval_clips, renderer: ClipRenderer, devi
             g["lr"] = lr_at(progress(step, args.vae_steps), args.vae_lr)
         crops = [vae_crop(pool[rng.integers(len(pool))], rng, args.vae_frames, args.vae_crop, 0.5)
                  for _ in range(args.vae_batch)]
-        x = torch.stack([to_tensor(c) for c, _ in crops]).to(device)
-        alpha = torch.from_numpy(np.stack([a for _, a in crops])).to(device)
-        # deterministic: the engine encodes with the distribution's mode, and sampling with the
-        # untrained (unit) variance drowns the latents in noise and stalls training at ~17 dB
-        z = vae.encode(x).latent_dist.mode()
-        rec = vae.decode(z).sample
-        l1, mse = reconstruction_loss(rec, x, alpha, args.vae_object_weight)
-        kl = z.pow(2).mean()  # keeps the latents' scale bounded (they are normalised afterwards)
+        batches = [crops]
+        if args.vae_first_frames:  # whole single frames: frame 0's own path, which must hold every channel
+            batches.append([first_frame_sample(pool[rng.integers(len(pool))], rng)
+                            for _ in range(args.vae_first_frames)])
+        l1 = mse = kl = 0.0
+        for part in batches:  # clips and single frames differ in size: one pass each, losses averaged
+            x = torch.stack([to_tensor(c) for c, _ in part]).to(device)
+            alpha = torch.from_numpy(np.stack([a for _, a in part])).to(device)
+            # deterministic: the engine encodes with the distribution's mode, and sampling with the
+            # untrained (unit) variance drowns the latents in noise and stalls training at ~17 dB
+            z = vae.encode(x).latent_dist.mode()
+            rec = vae.decode(z).sample
+            pl1, pmse = reconstruction_loss(rec, x, alpha, args.vae_object_weight)
+            l1, mse = l1 + pl1 / len(batches), mse + pmse / len(batches)
+            kl = kl + z.pow(2).mean() / len(batches)  # keeps the latents' scale bounded (normalised afterwards)
         loss = l1 + mse + args.vae_kl * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -870,6 +877,9 @@ def parse_args(argv=None):
     ap.add_argument("--vae-crop", type=int, default=64)
     ap.add_argument("--vae-lr", type=float, default=5e-4)
     ap.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the latent L2 penalty")
+    ap.add_argument("--vae-first-frames", type=int, default=0,
+                    help="whole single frames per VAE step (as Wan's VAE trains on images too): without them the "
+                         "bundled VAE's frame-0 latent holds little green (bench/toy_colour_probe.py)")
     ap.add_argument("--vae-object-weight", type=float, default=4.0,
                     help="extra loss weight on the main object's pixels (1 + w * coverage)")
     ap.add_argument("--vae-clips", type=int, default=96)
