@@ -298,17 +298,32 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor,
     return l1, mse
 
 
-def train_vae(vae, args, history: dict, eval_clips, renderer: ClipRenderer, device) -> None:
-    rng = np.random.default_rng(args.seed)
+def vae_pool(args, renderer: ClipRenderer) -> list:
     pool_seeds = [TRAIN_SEED_BASE + i for i in range(args.vae_clips)]
     log(f"VAE: rendering {len(pool_seeds)} clips")
-    pool = list(renderer.clips(pool_seeds))
+    return list(renderer.clips(pool_seeds))
+
+
+def vae_lr(step: int, steps: int, args) -> float:
+    """--vae-warmup 0: warm-up over the first 3 % of the steps (the bundled model's schedule); N: over N steps,
+    fixed, so that --vae-budget can shorten the schedule inside the warm-up without changing a step done."""
+    if args.vae_warmup:
+        return lr_at_step(step, steps, args.vae_warmup, args.vae_lr)
+    return lr_at(progress(step, steps), args.vae_lr)
+
+
+def train_vae(vae, args, history: dict, eval_clips, pool: list, device, stop_at: int | None = None) -> None:
+    """Phase 1. stop_at: end after that many steps of the schedule (the determinism check)."""
+    rng = np.random.default_rng(args.seed)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     t0 = time.time()
-    for step in range(args.vae_steps):
+    steps = args.vae_steps
+    t_cal = None
+    step = 0
+    while step < min(steps, stop_at or steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(progress(step, args.vae_steps), args.vae_lr)
+            g["lr"] = vae_lr(step, steps, args)
         crops = [vae_crop(pool[rng.integers(len(pool))], rng, args.vae_frames, args.vae_crop, 0.5)
                  for _ in range(args.vae_batch)]
         batches = [crops]
@@ -335,16 +350,32 @@ def train_vae(vae, args, history: dict, eval_clips, renderer: ClipRenderer, devi
                                "seconds": time.time() - t0})
         if step % 25 == 0:
             el = time.time() - t0
-            eta = el / max(step, 1) * (args.vae_steps - step)
-            log(f"VAE step {step}/{args.vae_steps} l1={float(l1):.4f} mse={float(mse):.5f} kl={float(kl):.3f} "
+            eta = el / max(step, 1) * (steps - step)
+            log(f"VAE step {step}/{steps} l1={float(l1):.4f} mse={float(mse):.5f} kl={float(kl):.3f} "
                 f"({el / 60:.1f} min, ETA {eta / 60:.1f} min)")
-        if args.vae_eval_every and step and step % args.vae_eval_every == 0:
+        step += 1
+        # --vae-budget: time the steps once, inside the fixed warm-up, and shorten the schedule to what fits
+        if args.vae_budget and stop_at is None and step == args.vae_calibrate // 3:
+            sync(device)
+            t_cal = time.time()
+        if args.vae_budget and stop_at is None and step == args.vae_calibrate and t_cal is not None:
+            sync(device)
+            per_step = (time.time() - t_cal) / (step - args.vae_calibrate // 3)
+            fits = step + int((args.vae_budget - (time.time() - t0)) / per_step)
+            history["vae_seconds_per_step"] = per_step
+            log(f"VAE budget: {per_step * 1000:.1f} ms/step → {fits} steps fit in {args.vae_budget:.0f}s")
+            if fits < steps:
+                history["vae_steps_requested"] = steps
+                steps = max(fits, step + 1)
+                log(f"VAE budget: --vae-steps {args.vae_steps} → {steps} (rerun with --vae-steps {steps} "
+                    "to reproduce this VAE)")
+        if args.vae_eval_every and step % args.vae_eval_every == 0 and step < steps:
             vae.eval()
             m = vae_eval(vae, eval_clips)
             history.setdefault("vae_eval_curve", []).append({"step": step, **m})
             log(f"VAE eval at step {step}: {m}")
             vae.train()
-    history["vae_steps"] = args.vae_steps
+    history["vae_steps"] = steps
     history["vae_seconds"] = time.time() - t0
     vae.eval()
 
@@ -376,6 +407,14 @@ def refine_decoder(vae, args, history: dict, renderer: ClipRenderer, device) -> 
     t0 = time.time()
     vae.train()
     for step in range(args.dec_steps):
+        if args.dec_stop_at and step >= args.dec_stop_at:
+            break
+        # --budget: a decoder that would run past it stops (the weights so far are kept, never lost to a kill);
+        # the summary says where, and --dec-stop-at reproduces it
+        if args.budget and step and time.time() - T_START > args.budget - args.budget_reserve / 3:
+            history["dec_stopped_at"] = step
+            log(f"budget: decoder stopping at step {step} of {args.dec_steps} (reproduce with --dec-stop-at {step})")
+            break
         for g in opt.param_groups:
             g["lr"] = lr_at(progress(step, args.dec_steps), args.dec_lr, warmup=0.0)
         crops = [vae_crop(pool[rng.integers(len(pool))], rng, args.dec_frames, args.dec_crop or args.vae_crop, 0.5)
@@ -406,6 +445,7 @@ def refine_decoder(vae, args, history: dict, renderer: ClipRenderer, device) -> 
     for q in vae.parameters():
         q.requires_grad_(False)
     history["dec_steps"] = args.dec_steps
+    history["dec_steps_run"] = len(history["dec"])
     history["dec_seconds"] = time.time() - t0
 
 
@@ -622,7 +662,7 @@ def train_transformer(tr, data: dict, args, device, history: dict | None = None,
             if args.budget and step == args.dit_calibrate and t_cal is not None:
                 sync(device)
                 per_step = (time.time() - t_cal) / (step - args.dit_calibrate // 3)
-                left = args.budget - args.budget_reserve - (time.time() - T_START)
+                left = args.budget - args.budget_reserve - decoder_reserve(args, history) - (time.time() - T_START)
                 fits = step + int(left / per_step)
                 history["dit_seconds_per_step"] = per_step
                 say(f"budget: {per_step * 1000:.1f} ms/step; {left:.0f}s left for training → {fits} steps fit")
@@ -641,7 +681,7 @@ def train_transformer(tr, data: dict, args, device, history: dict | None = None,
                 say(f"DiT step {step}/{steps} loss {recent:.4f} (mean of last {args.log_every}) "
                     f"lr {lr_at_step(step, steps, args.dit_warmup, args.dit_lr):.2e} ({el:.0f}s, ETA {eta:.0f}s)")
                 if (args.budget and args.dit_calibrate < step < min(steps, stop)
-                        and time.time() - T_START > args.budget - args.budget_reserve / 2):
+                        and time.time() - T_START > args.budget - args.budget_reserve / 2 - decoder_reserve(args, history)):
                     history["dit_stopped_at"] = step
                     say(f"budget: stopping at step {step} of {steps} (reproduce with --dit-steps {steps} "
                         f"--dit-stop-at {step})")
@@ -652,6 +692,16 @@ def train_transformer(tr, data: dict, args, device, history: dict | None = None,
         history["dit_steps_run"] = step
         history["dit_seconds"] = time.time() - t0
     return ema, steps, step
+
+
+def decoder_reserve(args, history: dict) -> float:
+    """Seconds the decoder refinement after the transformer will take, kept out of the transformer's --budget:
+    estimated from the VAE's measured step time (a decoder step decodes --dec-batch clips of --dec-frames,
+    a VAE step encodes and decodes --vae-batch of --vae-frames; the causal chunks run one after another)."""
+    per_vae_step = history.get("vae_seconds_per_step")
+    if args.init_from or not args.dec_steps or not per_vae_step:
+        return 0.0
+    return args.dec_steps * per_vae_step * max(1.0, args.dec_frames / args.vae_frames)
 
 
 def candidate_args(args) -> list[tuple[str, argparse.Namespace]]:
@@ -877,6 +927,12 @@ def parse_args(argv=None):
     ap.add_argument("--vae-crop", type=int, default=64)
     ap.add_argument("--vae-lr", type=float, default=5e-4)
     ap.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the latent L2 penalty")
+    ap.add_argument("--vae-warmup", type=int, default=0,
+                    help="warm-up steps of the VAE, fixed (0: the first 3 %% of --vae-steps, the bundled model's schedule)")
+    ap.add_argument("--vae-budget", type=float, default=0.0, metavar="SECONDS",
+                    help="lower --vae-steps, after timing steps inside the fixed --vae-warmup, so the VAE phase takes "
+                         "at most this long (its step time also sizes the decoder phase's share of --budget)")
+    ap.add_argument("--vae-calibrate", type=int, default=30, help="--vae-budget times the VAE's steps up to this one")
     ap.add_argument("--vae-first-frames", type=int, default=0,
                     help="whole single frames per VAE step (as Wan's VAE trains on images too): without them the "
                          "bundled VAE's frame-0 latent holds little green (bench/toy_colour_probe.py)")
@@ -891,6 +947,7 @@ def parse_args(argv=None):
     ap.add_argument("--dec-crop", type=int, default=0, help="crop size of the decoder's clips (0: --vae-crop)")
     ap.add_argument("--dec-first-frames", type=int, default=0,
                     help="whole single frames per decoder step: the first frame's own decoding path")
+    ap.add_argument("--dec-stop-at", type=int, default=0, help="stop the decoder after this many steps of its schedule")
     ap.add_argument("--decoder-only", action="store_true",
                     help="with --init-from: refine that folder's VAE decoder alone (phase 4: --dec-* flags) and write "
                          "OUT/vae and training.json; the encoder, so every latent and the transformer, stays valid")
@@ -899,6 +956,9 @@ def parse_args(argv=None):
         args.init_from = None
     if args.init_from and not (Path(args.init_from) / "model_index.json").is_file():
         ap.error(f"--init-from {args.init_from}: not a model folder (no model_index.json); pass one, or 'none'")
+    if args.vae_budget and not 0 < args.vae_calibrate < args.vae_warmup:
+        ap.error("--vae-budget needs --vae-warmup above --vae-calibrate (the budget may only shorten the VAE's "
+                 "schedule inside a warm-up of fixed length)")
     if args.budget and args.dit_calibrate >= args.dit_warmup:
         ap.error("--dit-calibrate must be below --dit-warmup (the budget may only shorten a run inside the warm-up)")
     try:
@@ -994,7 +1054,21 @@ def run(args, device, renderer: ClipRenderer) -> int:
 
     if not args.init_from:
         vae_pool_clips = list(renderer.clips(range(TRAIN_SEED_BASE + 900_000, TRAIN_SEED_BASE + 900_004)))
-        train_vae(pipe.vae, args, history, vae_pool_clips, renderer, device)
+        pool = vae_pool(args, renderer)
+        if args.check_determinism:
+            with optional("VAE determinism check"):
+                start = copy.deepcopy(pipe.vae.state_dict())
+                digests = []
+                for _ in range(2):  # the real schedule's first steps, twice from the same initial weights
+                    pipe.vae.load_state_dict(start)
+                    train_vae(pipe.vae, args, {"vae": []}, vae_pool_clips, pool, device, stop_at=args.check_determinism)
+                    digests.append(state_digest(pipe.vae))
+                pipe.vae.load_state_dict(start)
+                history["vae_determinism_check"] = {"steps": args.check_determinism, "identical": digests[0] == digests[1],
+                                                    "sha256": digests}
+                log(f"VAE determinism check: {args.check_determinism} steps trained twice → "
+                    f"{'identical bytes' if digests[0] == digests[1] else 'DIFFERENT bytes'}")
+        train_vae(pipe.vae, args, history, vae_pool_clips, pool, device)
         history["vae_eval"] = vae_eval(pipe.vae, vae_pool_clips)
         log(f"VAE done: {history['vae_steps']} steps, {history['vae_seconds']:.0f}s, held-out {history['vae_eval']}")
         train_iter = renderer.clips(train_seeds, True)
@@ -1076,7 +1150,8 @@ def run(args, device, renderer: ClipRenderer) -> int:
         if args.dec_steps:
             refine_decoder(pipe.vae, args, history, renderer, device)
             history["vae_eval_refined"] = vae_eval(pipe.vae, eval_clips)
-            log(f"decoder refined: {history['dec_steps']} steps, held-out {history['vae_eval_refined']}")
+            log(f"decoder refined: {history['dec_steps_run']} of {history['dec_steps']} steps, "
+                f"held-out {history['vae_eval_refined']}")
         save_model(pipe, ema, args, out)
     history["weights_sha256"] = weight_hashes(out)
     history["total_seconds"] = time.time() - T_START

@@ -44,16 +44,25 @@ def test_same_seed_same_weights_budget_reproducible_frozen_parts_copied_and_pack
     init = ["--init-from", str(tiny_model), "--dit-warmup", "10"]
     # b: a budget already spent when the steps are timed (inside the warm-up): the 50-step schedule is cut to
     # the steps done + 1 = 4, and the weights are those of the 4-step run a
-    # d: c with whole single frames in the VAE's step (--vae-first-frames): another VAE from the same seed
-    a, b, c, d = pretrain_together(
+    # d: c with whole single frames in the VAE's step (--vae-first-frames): another VAE from the same seed; and
+    # a --vae-budget already spent when the VAE's steps are timed: its 50-step schedule is cut to 4, the VAE of
+    # e's 4-step schedule (the same fixed --vae-warmup), and the VAE's first steps repeat bit for bit
+    vae_warmup = ["--vae-first-frames", "1", "--vae-warmup", "10", "--no-eval-baseline"]
+    a, b, c, d, e = pretrain_together(
         (tmp_path / "a", 0, *init, "--dit-steps", "4", "--check-determinism", "2",
          "--pack", str(tmp_path / "packed"), "--pack-part-mb", "0.1"),
         (tmp_path / "b", 0, *init, "--dit-steps", "50", "--dit-calibrate", "3", "--budget", "1",
          "--budget-reserve", "0", "--no-eval-baseline"),
         (tmp_path / "c", 1, "--init-from", "none", *LEGACY_VAE),
-        (tmp_path / "d", 1, "--init-from", "none", *LEGACY_VAE, "--vae-first-frames", "1", "--no-eval-baseline"))
+        (tmp_path / "d", 1, "--init-from", "none", *LEGACY_VAE, *vae_warmup, "--vae-steps", "50",
+         "--vae-calibrate", "3", "--vae-budget", "0.001", "--check-determinism", "2"),
+        (tmp_path / "e", 1, "--init-from", "none", *LEGACY_VAE, *vae_warmup, "--vae-steps", "4"))
     assert weights_digest(c, "vae") != weights_digest(d, "vae")
-    assert json.loads((d / "training.json").read_text())["args"]["vae_first_frames"] == 1
+    summary_d = json.loads((d / "training.json").read_text())
+    assert summary_d["args"]["vae_first_frames"] == 1
+    assert summary_d["vae_steps_requested"] == 50 and summary_d["vae_steps"] == 4
+    assert summary_d["vae_determinism_check"]["identical"] is True
+    assert weights_digest(d, "vae") == weights_digest(e, "vae")
     summary_b = json.loads((b / "training.json").read_text())
     assert summary_b["dit_steps_requested"] == 50 and summary_b["dit_steps"] == summary_b["dit_steps_run"] == 4
     assert weights_digest(a, "transformer") == weights_digest(b, "transformer")
