@@ -9,21 +9,25 @@
     # a candidate as a model folder:
     cp -r loraedit/toymodel M && rm -r M/transformer && cp -r runs/toy-gpu/dit-6x4x32x512/transformer M/
 
-    # the decoder alone, refined (the encoder and every latent stay as they were). With M = the output of
-    # commit 8f2eca5's script, this is how the shipped VAE was made (14 min on 2 cores; MODEL_CARD.md). Use
-    # whole 17-frame clips: with --dec-frames 9 the decoding of the last latent frames drifted (-2 dB)
+    # the decoder alone, refined (the encoder and every latent stay as they were); writes OUT/vae. Use whole
+    # 17-frame clips: with --dec-frames 9 the decoding of the last latent frames drifted (-2 dB)
     python scripts/pretrain_toy.py --device cpu --threads 2 --workers 1 --init-from M --decoder-only \
         --out runs/toy_dec17 --dec-steps 400 --dec-batch 1 --dec-frames 17 --dec-crop 64 --dec-first-frames 2 \
         --dec-lr 2e-4 --vae-clips 192
 
-    # everything, the VAE included (sized for a GPU: on a CPU pass far smaller --dit-* values)
-    python scripts/pretrain_toy.py --device cpu --threads 2 --init-from none --out runs/toymodel
+    # everything, the VAE included: the bundled model (one NVIDIA H200, 421 s, 2026-11-27; MODEL_CARD.md
+    # has these flags with the budgets' results filled in, which reproduce it without the budgets)
+    python scripts/pretrain_toy.py --device cuda --init-from none --seed 0 --out M --vae-steps 8000 \
+        --vae-batch 8 --vae-crop 128 --vae-warmup 100 --vae-calibrate 60 --vae-budget 180 --vae-clips 512 \
+        --vae-first-frames 8 --layers 6 --heads 4 --head-dim 32 --ffn 512 --dit-clips 2048 --object-weight 0 \
+        --dit-steps 20000 --dit-batch 64 --dit-lr 5e-4 --ema 0.998 --dec-steps 150 --dec-crop 128 \
+        --dec-first-frames 4 --budget 480 --budget-reserve 45 --check-determinism 5 --workers 14
 
-The bundled model itself was made by this script as of commit 8f2eca5 (`git show
-8f2eca5:scripts/pretrain_toy.py`, `--seed 0`, CPU, 79 minutes; its model card has the details, and says
-which GPU runs of later versions were tried). The defaults here are the GPU recipe of 2026-11-26 evening:
-4096 clips as source and edited truth, batch 256 at lr 1e-3, the velocity loss weighted on the moving
-object (its error was 2-9x the background's), EMA 0.996.
+The bundled model is the output of the last command (commit c98e706 of this script; the model card has
+the sha256 of every file). The model before it was made on a 2-core CPU by this script as of commit
+8f2eca5 (79 minutes) and a --decoder-only refinement (14 minutes); it is in git history. The defaults
+here are the GPU recipe of 2026-11-26 evening for transformers alone: 4096 clips as source and edited
+truth, batch 256 at lr 1e-3, the velocity loss weighted on the moving object, EMA 0.996.
 
 Same classes and folder layout as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers (see loraedit/tiny.py for the
 text/image encoders); only the sizes differ. Four phases:
@@ -1134,6 +1138,14 @@ def run(args, device, renderer: ClipRenderer) -> int:
             log(f"{name or 'DiT'} done: {res[2]} of {res[1]} steps in {hists[name]['dit_seconds']:.0f}s")
             if args.init_from:
                 save_model(pipe, res[0], args, out, name)  # OUT/transformer, or OUT/dit-.../transformer
+    if not args.init_from:  # the decoder is refined and everything saved before the evaluation, so the
+        ema = results[cands[0][0]][0]  # rollouts are scored through the decoder that is shipped
+        if args.dec_steps:
+            refine_decoder(pipe.vae, args, history, renderer, device)
+            history["vae_eval_refined"] = vae_eval(pipe.vae, eval_clips)
+            log(f"decoder refined: {history['dec_steps_run']} of {history['dec_steps']} steps, "
+                f"held-out {history['vae_eval_refined']}")
+        save_model(pipe, ema, args, out)
     for name, res in results.items():
         if res is None:
             continue
@@ -1145,14 +1157,6 @@ def run(args, device, renderer: ClipRenderer) -> int:
             h["rollout_after"] = rollout_eval(pipe, ema, eval_data, eval_clips, args, device)
             log(f"{name} held-out stock I2V rollouts: {h['rollout_after']}")
         ema.to("cpu")
-    if not args.init_from:
-        ema = results[cands[0][0]][0]
-        if args.dec_steps:
-            refine_decoder(pipe.vae, args, history, renderer, device)
-            history["vae_eval_refined"] = vae_eval(pipe.vae, eval_clips)
-            log(f"decoder refined: {history['dec_steps_run']} of {history['dec_steps']} steps, "
-                f"held-out {history['vae_eval_refined']}")
-        save_model(pipe, ema, args, out)
     history["weights_sha256"] = weight_hashes(out)
     history["total_seconds"] = time.time() - T_START
     write_summary(out / "training.json", history)
