@@ -201,6 +201,38 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class ScheduleBudget:
+    """The --budget guard of a step schedule, for machines lent by the minute. It times the steps from
+    `calibrate // 3` to `calibrate` (inside a warm-up of fixed length, so no step already taken depends on
+    the schedule's length) and then cuts the schedule to what fits in `seconds_left()`. The cut value is
+    printed and recorded (HISTORY[KEY_steps_requested], KEY_seconds_per_step): rerunning with it, without
+    the budget, gives the same weights."""
+
+    def __init__(self, calibrate: int, seconds_left, flag: str, history: dict, key: str, device, say=None):
+        self.calibrate, self.seconds_left, self.flag = calibrate, seconds_left, flag
+        self.history, self.key, self.device, self.say = history, key, device, say or log
+        self.t_start = None
+
+    def after_step(self, done: int, steps: int) -> int:
+        """Call after each step with the steps done so far; returns the (perhaps shortened) schedule."""
+        if done == self.calibrate // 3:
+            sync(self.device)
+            self.t_start = time.time()
+        elif done == self.calibrate and self.t_start is not None:
+            sync(self.device)
+            per_step = (time.time() - self.t_start) / (done - self.calibrate // 3)
+            left = self.seconds_left()
+            fits = done + int(left / per_step)
+            self.history[f"{self.key}_seconds_per_step"] = per_step
+            self.say(f"budget: {per_step * 1000:.1f} ms/step; {left:.0f}s left for {self.key} → {fits} steps fit")
+            if fits < steps:
+                self.history[f"{self.key}_steps_requested"] = steps
+                requested, steps = steps, max(fits, done + 1)
+                self.say(f"budget: {self.flag} {requested} → {steps} (rerun with {self.flag} {steps} "
+                         "to reproduce these weights)")
+        return steps
+
+
 def state_digest(module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
@@ -309,7 +341,7 @@ def vae_pool(args, renderer: ClipRenderer) -> list:
 
 
 def vae_lr(step: int, steps: int, args) -> float:
-    """--vae-warmup 0: warm-up over the first 3 % of the steps (the bundled model's schedule); N: over N steps,
+    """--vae-warmup 0: warm-up over the first 3 % of the steps (the CPU model's schedule, 2026-11-24); N: over N steps,
     fixed, so that --vae-budget can shorten the schedule inside the warm-up without changing a step done."""
     if args.vae_warmup:
         return lr_at_step(step, steps, args.vae_warmup, args.vae_lr)
@@ -323,7 +355,10 @@ def train_vae(vae, args, history: dict, eval_clips, pool: list, device, stop_at:
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     t0 = time.time()
     steps = args.vae_steps
-    t_cal = None
+    budget = None
+    if args.vae_budget and stop_at is None:  # --vae-budget: seconds for this phase
+        budget = ScheduleBudget(args.vae_calibrate, lambda: args.vae_budget - (time.time() - t0), "--vae-steps",
+                                history, "vae", device)
     step = 0
     while step < min(steps, stop_at or steps):
         for g in opt.param_groups:
@@ -358,21 +393,8 @@ def train_vae(vae, args, history: dict, eval_clips, pool: list, device, stop_at:
             log(f"VAE step {step}/{steps} l1={float(l1):.4f} mse={float(mse):.5f} kl={float(kl):.3f} "
                 f"({el / 60:.1f} min, ETA {eta / 60:.1f} min)")
         step += 1
-        # --vae-budget: time the steps once, inside the fixed warm-up, and shorten the schedule to what fits
-        if args.vae_budget and stop_at is None and step == args.vae_calibrate // 3:
-            sync(device)
-            t_cal = time.time()
-        if args.vae_budget and stop_at is None and step == args.vae_calibrate and t_cal is not None:
-            sync(device)
-            per_step = (time.time() - t_cal) / (step - args.vae_calibrate // 3)
-            fits = step + int((args.vae_budget - (time.time() - t0)) / per_step)
-            history["vae_seconds_per_step"] = per_step
-            log(f"VAE budget: {per_step * 1000:.1f} ms/step → {fits} steps fit in {args.vae_budget:.0f}s")
-            if fits < steps:
-                history["vae_steps_requested"] = steps
-                steps = max(fits, step + 1)
-                log(f"VAE budget: --vae-steps {args.vae_steps} → {steps} (rerun with --vae-steps {steps} "
-                    "to reproduce this VAE)")
+        if budget is not None:
+            steps = budget.after_step(step, steps)
         if args.vae_eval_every and step % args.vae_eval_every == 0 and step < steps:
             vae.eval()
             m = vae_eval(vae, eval_clips)
@@ -633,7 +655,11 @@ def train_transformer(tr, data: dict, args, device, history: dict | None = None,
     stop = min(steps, stop_at if stop_at is not None else (args.dit_stop_at or steps))
     losses: list[torch.Tensor] = []
     t0 = time.time()
-    t_cal = None
+    budget = None
+    if args.budget and history is not None:  # --budget: seconds from the script's start, less the reserve
+        budget = ScheduleBudget(args.dit_calibrate, lambda: args.budget - args.budget_reserve
+                                - decoder_reserve(args, history) - (time.time() - T_START),
+                                "--dit-steps", history, "dit", device, say)
     step = 0
     with attention_kernel(device):  # (entered around all the threads too: the kernel choice is process-wide)
         while step < min(steps, stop):
@@ -659,22 +685,8 @@ def train_transformer(tr, data: dict, args, device, history: dict | None = None,
             step += 1
             if history is None:
                 continue
-            # --budget: time the steps once (inside the fixed warm-up, so shortening changes no earlier step)
-            if args.budget and step == args.dit_calibrate // 3:
-                sync(device)
-                t_cal = time.time()
-            if args.budget and step == args.dit_calibrate and t_cal is not None:
-                sync(device)
-                per_step = (time.time() - t_cal) / (step - args.dit_calibrate // 3)
-                left = args.budget - args.budget_reserve - decoder_reserve(args, history) - (time.time() - T_START)
-                fits = step + int(left / per_step)
-                history["dit_seconds_per_step"] = per_step
-                say(f"budget: {per_step * 1000:.1f} ms/step; {left:.0f}s left for training → {fits} steps fit")
-                if fits < steps:
-                    history["dit_steps_requested"] = steps
-                    steps = max(fits, step + 1)
-                    say(f"budget: --dit-steps {args.dit_steps} → {steps} (rerun with --dit-steps {steps} "
-                        "to reproduce these weights)")
+            if budget is not None:
+                steps = budget.after_step(step, steps)
             if step % args.log_every == 0 or step == min(steps, stop):
                 vals = torch.stack(losses).float().cpu().tolist()
                 history["dit"].extend({"step": step - len(vals) + i, "loss": v} for i, v in enumerate(vals))

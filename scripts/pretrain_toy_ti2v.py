@@ -185,7 +185,10 @@ def train_transformer(tr, data: dict, args, device, history: dict | None = None,
     stop = min(steps, stop_at if stop_at is not None else (args.dit_stop_at or steps))
     losses: list[torch.Tensor] = []
     t0 = time.time()
-    t_cal = None
+    budget = None
+    if args.budget and history is not None:  # --budget: seconds from the script's start, less the reserve
+        budget = toy.ScheduleBudget(args.dit_calibrate, lambda: args.budget - args.budget_reserve
+                                    - (time.time() - T_START), "--dit-steps", history, "dit", device, log)
     step = 0
     with toy.attention_kernel(device):
         while step < min(steps, stop):
@@ -210,22 +213,8 @@ def train_transformer(tr, data: dict, args, device, history: dict | None = None,
             step += 1
             if history is None:
                 continue
-            # --budget: time the steps once, inside the fixed warm-up, so shortening changes no earlier step
-            if args.budget and step == args.dit_calibrate // 3:
-                toy.sync(device)
-                t_cal = time.time()
-            if args.budget and step == args.dit_calibrate and t_cal is not None:
-                toy.sync(device)
-                per_step = (time.time() - t_cal) / (step - args.dit_calibrate // 3)
-                left = args.budget - args.budget_reserve - (time.time() - T_START)
-                fits = step + int(left / per_step)
-                history["dit_seconds_per_step"] = per_step
-                log(f"budget: {per_step * 1000:.1f} ms/step; {left:.0f}s left for training → {fits} steps fit")
-                if fits < steps:
-                    history["dit_steps_requested"] = steps
-                    steps = max(fits, step + 1)
-                    log(f"budget: --dit-steps {args.dit_steps} → {steps} (rerun with --dit-steps {steps} "
-                        "to reproduce these weights)")
+            if budget is not None:
+                steps = budget.after_step(step, steps)
             if step % args.log_every == 0 or step == min(steps, stop):
                 vals = torch.stack(losses).float().cpu().tolist()
                 history["dit"].extend({"step": step - len(vals) + i, "loss": v} for i, v in enumerate(vals))
