@@ -944,14 +944,14 @@ def parse_args(argv=None):
     ap.add_argument("--vae-lr", type=float, default=5e-4)
     ap.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the latent L2 penalty")
     ap.add_argument("--vae-warmup", type=int, default=0,
-                    help="warm-up steps of the VAE, fixed (0: the first 3 %% of --vae-steps, the bundled model's schedule)")
+                    help="warm-up steps of the VAE, fixed (0: the first 3 %% of --vae-steps, the CPU model's of 2026-11-24)")
     ap.add_argument("--vae-budget", type=float, default=0.0, metavar="SECONDS",
                     help="lower --vae-steps, after timing steps inside the fixed --vae-warmup, so the VAE phase takes "
                          "at most this long (its step time also sizes the decoder phase's share of --budget)")
     ap.add_argument("--vae-calibrate", type=int, default=30, help="--vae-budget times the VAE's steps up to this one")
     ap.add_argument("--vae-first-frames", type=int, default=0,
-                    help="whole single frames per VAE step (as Wan's VAE trains on images too): without them the "
-                         "bundled VAE's frame-0 latent holds little green (bench/toy_colour_probe.py)")
+                    help="whole single frames per VAE step (as Wan's VAE trains on images too): the VAE of 2026-11-24, "
+                         "trained without them, kept little green in its frame-0 latent (bench/toy_colour_probe.py)")
     ap.add_argument("--vae-object-weight", type=float, default=4.0,
                     help="extra loss weight on the main object's pixels (1 + w * coverage)")
     ap.add_argument("--vae-clips", type=int, default=96)
