@@ -54,15 +54,12 @@ def channel_code(vae) -> list[str]:
 
 
 def frame0_bias(vae) -> list[str]:
-    from loraedit.world import make_clip
+    from loraedit.world import make_clip, through_vae
 
     rows = []
     for seed in CLIPS:
         c = make_clip(seed, frames=17)
-        x = torch.from_numpy(c.truth).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-        with torch.no_grad():
-            r = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        r = ((r[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().numpy()
+        r = through_vae(vae, c.truth).astype(np.float64)
         d0 = (r[0] - c.truth[0]).reshape(-1, 3).mean(0)
         d1 = (r[1:] - c.truth[1:]).reshape(-1, 3).mean(0)
         rows.append(f"  clip {seed:3d}: frame 0 {np.array2string(d0, precision=1, sign=' ')}   "
@@ -101,6 +98,12 @@ def main(argv=None) -> int:
     ap.add_argument("--static-clips", default="3,104", help="world clips for probe 3 (comma-separated)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    try:
+        static_clips = [int(s) for s in args.static_clips.split(",") if s.strip()]
+    except ValueError:
+        print(f"--static-clips {args.static_clips}: give world clip seeds separated by commas, e.g. 3,104",
+              file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     if not (Path(args.model) / "vae" / "config.json").is_file():
         print(f"--model {args.model}: not a toy model folder (no vae/config.json); pass e.g. loraedit/toymodel",
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
     print("\n2. VAE round trip, mean error per channel (R, G, B; 0-255)")
     print("\n".join(frame0_bias(vae)))
     print("\n3. stock I2V on a static clip: the object's mean colour (R, G, B) by frame")
-    print("\n".join(static_rollout(args.model, [int(s) for s in args.static_clips.split(",") if s])))
+    print("\n".join(static_rollout(args.model, static_clips)))
     return 0
 
 

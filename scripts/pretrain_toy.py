@@ -973,8 +973,8 @@ def parse_args(argv=None):
     if args.init_from and not (Path(args.init_from) / "model_index.json").is_file():
         ap.error(f"--init-from {args.init_from}: not a model folder (no model_index.json); pass one, or 'none'")
     if args.vae_budget and not 0 < args.vae_calibrate < args.vae_warmup:
-        ap.error("--vae-budget needs --vae-warmup above --vae-calibrate (the budget may only shorten the VAE's "
-                 "schedule inside a warm-up of fixed length)")
+        ap.error(f"--vae-budget needs 0 < --vae-calibrate ({args.vae_calibrate}) < --vae-warmup ({args.vae_warmup}): "
+                 "the budget may only shorten the VAE's schedule inside a warm-up of fixed length")
     if args.budget and args.dit_calibrate >= args.dit_warmup:
         ap.error("--dit-calibrate must be below --dit-warmup (the budget may only shorten a run inside the warm-up)")
     try:

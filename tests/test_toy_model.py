@@ -82,16 +82,17 @@ def test_first_latent_frame_holds_green_as_well_as_red_and_blue():
     """bench/toy_colour_probe.py, probe 1: how far latent frame 0 (frame 0 alone) moves when one channel of
     a flat mid-grey video rises by 40. The previous VAE stored green almost only in the later latent frames
     (R 39.4, G 3.9, B 21.7), so the base model lost an object's green from frame 1; this one: 11.1, 9.4, 14.2."""
-    import torch
+    import importlib.util
+
     from diffusers import AutoencoderKLWan
 
+    spec = importlib.util.spec_from_file_location("toy_colour_probe", TOY_MODEL.parents[1] / "bench" / "toy_colour_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)  # the probe's own code, so the test and the figures above measure the same thing
     vae = AutoencoderKLWan.from_pretrained(TOY_MODEL, subfolder="vae").eval()
-    std = torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
 
     def latent0(rgb):
-        x = torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1, 1).expand(1, 3, 5, 64, 64) / 127.5 - 1
-        with torch.no_grad():
-            return (vae.encode(x).latent_dist.mode() / std)[:, :, 0]
+        return probe.latent(vae, rgb)[:, :, 0]
 
     grey = latent0((128, 128, 128))
     moves = [float((latent0([168 if c == ch else 128 for c in range(3)]) - grey).norm()) for ch in range(3)]
