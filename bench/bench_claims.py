@@ -15,6 +15,8 @@ result is compared with the world's true edited video:
     naive LoRA              --mode naive: LoRA on the video with the stock first-frame mask
     mask-aware LoRA         the method's stage 1 (loose box, grown 10%)
     mask-aware + reference  stage 1 + stage 2 on one edited later frame (the object's back face)
+    mask-aware + reference pair  the same with --ref-sample pair: each reference trains after the edited
+                            first frame, at its distance in time from it (not a lone still)
     mask-aware + tight mask stage 1 with the exact object mask (--mask-style tight)
 
 A first row, "(truth through the VAE)", is the true edited video encoded and decoded by the toy
@@ -57,6 +59,7 @@ VARIANTS = {
     "naive LoRA": dict(mode="naive", lora=True, reference=False),
     "mask-aware LoRA": dict(mode="mask-aware", lora=True, reference=False),
     "mask-aware + reference": dict(mode="mask-aware", lora=True, reference=True),
+    "mask-aware + reference pair": dict(mode="mask-aware", lora=True, reference=True, ref_sample="pair"),
     "mask-aware + tight mask": dict(mode="mask-aware", lora=True, reference=False, mask_style="tight"),
     "stock I2V from source": dict(mode="naive", lora=False, reference=False, source=True),
 }
@@ -139,7 +142,8 @@ def main(argv=None) -> int:
                              prompt=clip.caption if from_source else clip.edited_caption,
                              steps=steps if v["lora"] else 0, ref_steps=ref_steps, render_steps=render_steps,
                              seed=0, mode=v["mode"], mask_style=v.get("mask_style", "bbox"),
-                             reference=v["reference"], lr=lr, ref_video_every=ref_video_every, quiet=True)
+                             reference=v["reference"], lr=lr, ref_video_every=ref_video_every, quiet=True,
+                             extra=("--ref-sample", v["ref_sample"]) if "ref_sample" in v else ())
             t = time.perf_counter()
             rc = cli.main(argv)
             if rc != 0:
@@ -156,7 +160,7 @@ def main(argv=None) -> int:
                 shutil.copy(run_dir / "render" / "contact_sheet.png", keep / f"{run_dir.name}.png")
                 np.savez_compressed(keep / f"{run_dir.name}.npz", frames=result)  # to re-score without re-running
                 shutil.rmtree(run_dir, ignore_errors=True)
-            print(f"[{time.perf_counter() - t0:6.0f}s] clip {seed} {name:24s} "
+            print(f"[{time.perf_counter() - t0:6.0f}s] clip {seed} {name:28s} "
                   + " ".join(f"{k}={m[k]:.2f}" for k in KEYS), flush=True)
             results_file.write_text(json.dumps({
                 "settings": settings,

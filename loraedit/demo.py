@@ -88,10 +88,11 @@ def format_metrics(rows: dict[str, dict[str, float]]) -> str:
     cols = [("psnr_in", "PSNR in (dB)"), ("colour_err_in", "colour err in"), ("colour_err_front", "colour front"),
             ("colour_err_back", "colour back"), ("psnr_back", "PSNR back (dB)"),
             ("psnr_out", "PSNR out (dB)"), ("first_psnr", "frame-0 PSNR"), ("temporal_err", "temporal err")]
-    head = f"{'':24s}" + "".join(f"{c[1]:>16s}" for c in cols)
+    width = max([24, *(len(name) for name in rows)])
+    head = " " * width + "".join(f"{c[1]:>16s}" for c in cols)
     lines = [head]
     for name, m in rows.items():
-        lines.append(f"{name:24s}" + "".join(f"{m.get(k, float('nan')):16.2f}" for k, _ in cols))
+        lines.append(f"{name:{width}s}" + "".join(f"{m.get(k, float('nan')):16.2f}" for k, _ in cols))
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ Conventions (see DESIGN.md §2):
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -317,6 +318,58 @@ def ti2v_stock_keep(frames: int, h: int, w: int, temporal: int = TEMPORAL) -> to
     keep = torch.zeros((frames - 1) // temporal + 1, h, w)
     keep[0] = 1.0
     return keep
+
+
+def latent_index(frame: int, temporal: int = TEMPORAL) -> int:
+    """The latent frame that holds pixel frame `frame`: 0 holds frame 0 alone, j ≥ 1 frames 4j-3 … 4j."""
+    return (frame + temporal - 1) // temporal
+
+
+def reference_pair(first_x0: torch.Tensor, first_cond: torch.Tensor, ref_x0: torch.Tensor,
+                   ref_cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 2's paired sample: the edited first frame, then one reference, as a two-latent-frame clip.
+
+    first_x0 (B, C, 1, h, w), first_cond (B, K+C, 1, h, w): latent frame 0 of the render condition
+    (the edited first frame, kept whole); ref_x0, ref_cond: the reference still's. → (B, C, 2, h, w),
+    (B, K+C, 2, h, w). Trained under `rope_time_positions(.., [0, latent_index(k)])`, so the two
+    frames are as far apart in time as in the clip; there is no frame between them, so no motion is
+    taught, only how the region looks k frames after the edited first frame.
+    """
+    return torch.cat([first_x0, ref_x0], dim=2), torch.cat([first_cond, ref_cond], dim=2)
+
+
+@contextlib.contextmanager
+def rope_time_positions(transformer, positions: list[int]):
+    """Inside: latent frame i of the transformer's input takes rotary time position positions[i].
+
+    Rotary embeddings are relative: a one-frame sample is the same at every time position (so a
+    reference still cannot be "placed" in time alone), but two frames at positions 0 and j attend
+    to each other as frames 0 and j of a clip do. diffusers' rotary module numbers frames 0, 1, …
+    and takes no positions: it is asked for max(positions) + 1 frames (a meta tensor: it reads only
+    the shape) and each input frame's tokens are picked from that (tokens are frame-major).
+    """
+    if list(positions) == list(range(len(positions))):
+        yield
+        return
+    rope = transformer.rope
+    forward = rope.forward
+    p_t = rope.patch_size[0]
+
+    def placed(hidden_states: torch.Tensor):
+        b, c, f, h, w = hidden_states.shape
+        if f != len(positions) * p_t:
+            raise ValueError(f"rope_time_positions: {len(positions)} positions for {f // p_t} latent frames")
+        n = max(positions) + 1
+        cos, sin = forward(torch.empty(b, c, n * p_t, h, w, device="meta"))
+        per = cos.shape[1] // n  # tokens per latent frame
+        index = torch.cat([torch.arange(q * per, (q + 1) * per) for q in positions]).to(cos.device)
+        return cos[:, index], sin[:, index]
+
+    rope.forward = placed
+    try:
+        yield
+    finally:
+        del rope.forward  # the class's forward again
 
 
 def latent_frames(frames: int, temporal: int = TEMPORAL) -> int:

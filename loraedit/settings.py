@@ -465,6 +465,9 @@ class TrainSettings(Settings):
     steps: int = setting(100, "stage-1 steps on the video (default 100)", parse=integer, check=at_least(0))
     ref_steps: int = setting(100, "stage-2 steps on the references (default 100; only with --ref)", parse=integer, check=at_least(0))
     ref_video_every: int = setting(10, "stage 2: every N-th step trains on the video (default 10; 0: never)", parse=integer, check=at_least(0))
+    ref_sample: str = setting("still", "stage 2: how a reference trains: still (default, the paper: alone, one latent frame) or "
+                                       "pair (after the edited first frame, as far from it in time as in the clip)",
+                              parse=choice("still", "pair"))
     rank: int = setting(16, "LoRA rank (default 16)", parse=integer, check=at_least(1))
     alpha: float = setting(16.0, "LoRA alpha (default 16)", parse=number, check=above(0))
     lora_targets: str = setting(DEFAULT_LORA_TARGETS, "regex of the layers to adapt (default: every linear layer of each block but the image k/v)",

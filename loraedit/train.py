@@ -237,8 +237,16 @@ def train_expert(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tens
     # with the edited video's caption and the edited first frame's CLIP embedding (caption.py)
     text, text_edit = on_device(cache["text"]), on_device(cache.get("text_edit", cache["text"]))
     samples = {None: (on_device(cache["x0"]), on_device(cache["cond_train"]), on_device(cache.get("image_train")), text)}
+    positions = {None: list(range(samples[None][0].shape[2]))}  # rotary time position of each latent frame
     for k in ref_keys:
-        samples[k] = (on_device(cache[f"ref.{k}.x0"]), on_device(cache[f"ref.{k}.cond"]), on_device(cache.get("image_render")), text_edit)
+        x0, cond = on_device(cache[f"ref.{k}.x0"]), on_device(cache[f"ref.{k}.cond"])
+        positions[k] = [0]
+        if args.ref_sample == "pair":
+            # the edited first frame (latent frame 0 of the render condition, its last C channels are the latents), then k
+            first_cond = on_device(cache["cond_render"][:, :, :1])
+            x0, cond = method.reference_pair(first_cond[:, -x0.shape[1]:], first_cond, x0, cond)
+            positions[k] = [0, method.latent_index(k, fam.temporal)]
+        samples[k] = (x0, cond, on_device(cache.get("image_render")), text_edit)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -251,7 +259,8 @@ def train_expert(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tens
         x0, cond, image, text = samples[key]
         sigma = expert_sigma(method.sample_sigma(1, args.timesteps, g, shift=args.train_shift), fam, expert)
         noise = torch.randn(x0.shape, generator=g).to(device)
-        loss = training_step(transformer, optimizer, x0, cond, text, image, sigma.to(device), noise, args.grad_clip)
+        with method.rope_time_positions(transformer, positions[key]):
+            loss = training_step(transformer, optimizer, x0, cond, text, image, sigma.to(device), noise, args.grad_clip)
         if not math.isfinite(loss):
             bar.close()
             # stop at once: the LoRA is now non-finite too; the checkpoints on disk are all from finite steps

@@ -98,3 +98,39 @@ def test_flow_matching_conventions():
         s = method.sample_sigma(1000, mode, g, shift=3.0)
         assert 0 < s.min() and s.max() < 1
     assert method.sample_sigma(1000, "shifted", g, shift=3.0).mean() > method.sample_sigma(1000, "uniform", g).mean() + 0.1
+
+
+def test_rope_time_positions_give_each_frame_its_place_in_the_clip(tiny_model):
+    from loraedit.models import load_transformer
+
+    transformer = load_transformer(str(tiny_model), torch.device("cpu"), "fp32")
+    clip_cos, clip_sin = transformer.rope(torch.zeros(1, 36, 5, 8, 8))
+    per = clip_cos.shape[1] // 5  # tokens per latent frame
+    with method.rope_time_positions(transformer, [0, 3]):
+        cos, sin = transformer.rope(torch.zeros(1, 36, 2, 8, 8))
+    assert torch.equal(cos[:, :per], clip_cos[:, :per]) and torch.equal(cos[:, per:], clip_cos[:, 3 * per:4 * per])
+    assert torch.equal(sin[:, per:], clip_sin[:, 3 * per:4 * per])
+    assert "forward" not in vars(transformer.rope)  # the module's own forward is back
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, 512, transformer.config.text_dim, generator=g)
+    image = torch.randn(1, 5, transformer.config.image_dim, generator=g)
+
+    def velocity(frames, positions):
+        x = torch.randn(1, 36, frames, 8, 8, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad(), method.rope_time_positions(transformer, positions):
+            return method.predict_velocity(transformer, x[:, :16], x[:, 16:], torch.tensor([0.5]), text, image)
+
+    # rotary embeddings are relative: a lone frame is the same anywhere in time (why stage 2 pairs a
+    # reference with the first frame to place it), while two frames 3 apart differ from two adjacent ones
+    assert torch.allclose(velocity(1, [0]), velocity(1, [3]), atol=1e-5)
+    assert (velocity(2, [0, 1]) - velocity(2, [0, 3])).abs().max() > 1e-3
+
+
+def test_reference_pair_puts_the_edited_first_frame_before_the_reference():
+    first_x0, ref_x0 = torch.full((1, 16, 1, 2, 3), 1.0), torch.full((1, 16, 1, 2, 3), 2.0)
+    first_cond, ref_cond = torch.full((1, 20, 1, 2, 3), 3.0), torch.full((1, 20, 1, 2, 3), 4.0)
+    x0, cond = method.reference_pair(first_x0, first_cond, ref_x0, ref_cond)
+    assert x0.shape == (1, 16, 2, 2, 3) and cond.shape == (1, 20, 2, 2, 3)
+    assert x0[:, :, 0].eq(1).all() and x0[:, :, 1].eq(2).all() and cond[:, :, 0].eq(3).all() and cond[:, :, 1].eq(4).all()
+    assert [method.latent_index(k) for k in (0, 1, 4, 5, 8, 12)] == [0, 1, 1, 2, 2, 3]

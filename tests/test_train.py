@@ -112,3 +112,29 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_model, clip, tmp_p
     whole = (tmp_path / "whole" / "train" / "losses.csv").read_text()
     assert whole == (tmp_path / "killed" / "train" / "losses.csv").read_text()
     assert len(whole.strip().splitlines()) == 1 + 9 and ",2,ref8," in whole
+
+
+def test_paired_references_train_after_the_edited_first_frame_at_their_distance(tiny_model, clip, tmp_path, monkeypatch):
+    seen = []
+    real_step, real_positions = train.training_step, method.rope_time_positions
+
+    def recording_positions(transformer, positions):
+        seen.append(list(positions))
+        return real_positions(transformer, positions)
+
+    def recording_step(transformer, optimizer, x0, cond, *a, **k):
+        seen[-1] = (seen[-1], tuple(x0.shape), cond[:, -x0.shape[1]:, :1].clone())
+        return real_step(transformer, optimizer, x0, cond, *a, **k)
+
+    monkeypatch.setattr(method, "rope_time_positions", recording_positions)
+    monkeypatch.setattr(train, "training_step", recording_step)
+    assert main(edit_argv(tiny_model, clip, tmp_path / "pair", "--steps", "2", "--ref", f"8={clip['ref']}", "--ref-steps", "2",
+                          "--ref-video-every", "0", "--ref-sample", "pair", "--render-steps", "1")) == 0
+    video, ref = seen[0], seen[-1]
+    assert video[0] == [0, 1, 2, 3, 4] and video[1][2] == 5  # stage 1: the 17-frame video, frames 0…4
+    assert ref[0] == [0, 2] and ref[1][2] == 2  # frame 8 is in latent frame 2; the pair is two latent frames
+    cache = load_file(str(next((tmp_path / "pair" / "cache").glob("encoded-*.safetensors"))))
+    first = cache["cond_render"][:, -16:, :1]
+    assert torch.equal(ref[2], first)  # latent frame 0 of the pair is the edited first frame
+    record = (tmp_path / "pair" / "train" / "record.json").read_text()
+    assert '"ref_sample": "pair"' in record  # a changed --ref-sample is a changed training input
