@@ -18,6 +18,9 @@ result is compared with the world's true edited video:
     mask-aware + reference pair  the same with --ref-sample pair: each reference trains after the edited
                             first frame, at its distance in time from it (not a lone still)
     mask-aware + tight mask stage 1 with the exact object mask (--mask-style tight)
+    mask-aware + colour copies   stage 1 also on 2 hue-turned copies of the video (--colour-copies 2; ours,
+                            not the paper's)
+    the demo (+ ref + copies)    what `loraedit demo` runs: stage 1 with 2 colour copies, then stage 2
 
 A first row, "(truth through the VAE)", is the true edited video encoded and decoded by the toy
 VAE: the ceiling no variant can pass, since every result comes out of that decoder. A second,
@@ -40,6 +43,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -60,6 +64,8 @@ VARIANTS = {
     "mask-aware LoRA": dict(mode="mask-aware", lora=True, reference=False),
     "mask-aware + reference": dict(mode="mask-aware", lora=True, reference=True),
     "mask-aware + reference pair": dict(mode="mask-aware", lora=True, reference=True, ref_sample="pair"),
+    "mask-aware + colour copies": dict(mode="mask-aware", lora=True, reference=False, colour_copies=2),
+    "the demo (+ ref + copies)": dict(mode="mask-aware", lora=True, reference=True, colour_copies=2),
     "mask-aware + tight mask": dict(mode="mask-aware", lora=True, reference=False, mask_style="tight"),
     "stock I2V from source": dict(mode="naive", lora=False, reference=False, source=True),
 }
@@ -81,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--ref-video-every", type=int, default=None,
                     help="stage 2: every N-th step trains on the video (default: the demo's)")
+    ap.add_argument("--edit-args", default="", help="more `loraedit edit` flags for every variant, e.g. \"--rank 4\" "
+                    "(recorded with the results)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variant names")
     ap.add_argument("--model", default=None, help="default: the bundled toy model")
     ap.add_argument("--out", default="runs/bench_claims")
@@ -112,11 +120,12 @@ def main(argv=None) -> int:
     results_file = out / ("results.json" if n_shards == 1 else f"results-{shard}of{n_shards}.json")
     ref_video_every = DEMO["ref_video_every"] if args.ref_video_every is None else args.ref_video_every
     settings = {"steps": steps, "ref_steps": ref_steps, "render_steps": render_steps, "lr": lr,
-                "ref_video_every": ref_video_every}
+                "ref_video_every": ref_video_every, "edit_args": args.edit_args}
     for f in sorted(out.glob("results*.json")):  # resume, and collect what other shards measured
         old = json.loads(f.read_text())
         old_settings = dict(old.get("settings", {}))
         old_settings.setdefault("ref_video_every", 10)  # files from before the setting was recorded: the engine's
+        old_settings.setdefault("edit_args", "")
         for n in names:
             # stage-2 settings matter only to the reference variants
             same = old_settings == settings if VARIANTS[n]["reference"] else all(
@@ -143,7 +152,8 @@ def main(argv=None) -> int:
                              steps=steps if v["lora"] else 0, ref_steps=ref_steps, render_steps=render_steps,
                              seed=0, mode=v["mode"], mask_style=v.get("mask_style", "bbox"),
                              reference=v["reference"], lr=lr, ref_video_every=ref_video_every, quiet=True,
-                             extra=("--ref-sample", v["ref_sample"]) if "ref_sample" in v else ())
+                             colour_copies=v.get("colour_copies", 0),
+                             extra=(("--ref-sample", v["ref_sample"]) if "ref_sample" in v else ()) + tuple(shlex.split(args.edit_args)))
             t = time.perf_counter()
             rc = cli.main(argv)
             if rc != 0:
@@ -162,9 +172,13 @@ def main(argv=None) -> int:
                 shutil.rmtree(run_dir, ignore_errors=True)
             print(f"[{time.perf_counter() - t0:6.0f}s] clip {seed} {name:28s} "
                   + " ".join(f"{k}={m[k]:.2f}" for k in KEYS), flush=True)
+            # the file keeps what it held for variants not run now (same settings), so a run of a few variants adds to it
+            kept = {}
+            if results_file.is_file() and json.loads(results_file.read_text()).get("settings") == settings:
+                kept = {n: d for n, d in json.loads(results_file.read_text())["per_clip"].items() if n not in results}
             results_file.write_text(json.dumps({
                 "settings": settings,
-                "per_clip": {n: {str(k): r for k, r in d.items()} for n, d in results.items()}}, indent=1))
+                "per_clip": {**kept, **{n: {str(k): r for k, r in d.items()} for n, d in results.items()}}}, indent=1))
 
     if n_shards > 1:
         print(f"shard {shard}/{n_shards} done; run again without --shard for the table")
@@ -186,7 +200,8 @@ def main(argv=None) -> int:
     table = format_metrics(means)
     header = (f"claims benchmark: {n_clips} clips (world seeds {SEEDS[:n_clips]}), 17 frames 128x128, toy model; "
               f"stage 1 {steps} steps, stage 2 {ref_steps} steps (video every {ref_video_every}), lr {lr}, "
-              f"render {render_steps} steps, guidance {DEMO['guidance']}; {time.perf_counter() - t0:.0f} s")
+              f"render {render_steps} steps, guidance {DEMO['guidance']}"
+              + (f", edit flags {args.edit_args}" if args.edit_args else "") + f"; {time.perf_counter() - t0:.0f} s")
     print("\n" + header + "\n" + table)
 
     def wins(a, b, key, higher=True):

@@ -21,6 +21,7 @@ Each stage checks its record (loraedit/runstate.py) first: equal inputs → reus
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -270,7 +271,7 @@ def _encode_settings(model: str, train: TrainSettings, negative_prompt: str | No
     from loraedit.encode import EncodeSettings
 
     return EncodeSettings(model=model, prompt=prompts[0], edit_prompt=prompts[1], trigger=train.trigger, mode=train.mode,
-                          negative_prompt=negative_prompt)
+                          negative_prompt=negative_prompt, colour_copies=train.colour_copies)
 
 
 # ---------------------------------------------------------------- train
@@ -287,8 +288,10 @@ def _check_training(run_dir: Path, old: dict, new: dict, staging: Path | None = 
     new = {k: v for k, v in new.items() if k != runstate.ENCODING}
     old = {k: old.get(k) for k in new}
     if isinstance(old.get("settings"), dict) and isinstance(new.get("settings"), dict):
-        # a setting a record no longer holds (it was found not to change the LoRA) does not count
-        old["settings"] = {k: v for k, v in old["settings"].items() if k in new["settings"]}
+        # a setting a record no longer holds (it was found not to change the LoRA) does not count; one it does
+        # not hold yet (added since, e.g. --colour-copies) trained at its default, the behaviour before it existed
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+        old["settings"] = {k: old["settings"].get(k, defaults.get(k)) for k in new["settings"]}
     if runstate.differences(old, new):
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

@@ -30,7 +30,7 @@ TOY_MODEL = Path(__file__).resolve().parent / "toymodel"
 # that keeps the background (PSNR out 23.17 vs 21.42 dB with every 10th) at no cost to the back face.
 DEMO_SEED = 3
 DEMO = dict(frames=17, size="128x128", steps=150, ref_steps=50, ref_video_every=2, lr=1e-4, rank=16, render_steps=20,
-            guidance=1.0, shift=5.0)
+            guidance=1.0, shift=5.0, colour_copies=2)
 
 log = logging.getLogger("loraedit")
 
@@ -45,6 +45,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=DEMO["steps"], help=f"stage-1 LoRA steps (default {DEMO['steps']})")
     p.add_argument("--ref-steps", dest="ref_steps", type=int, default=DEMO["ref_steps"],
                    help=f"stage-2 steps on the reference frame (default {DEMO['ref_steps']}; 0: no reference)")
+    p.add_argument("--colour-copies", dest="colour_copies", type=int, default=DEMO["colour_copies"],
+                   help=f"stage 1's hue-turned copies of the video (default {DEMO['colour_copies']})")
     p.add_argument("--render-steps", dest="render_steps", type=int, default=DEMO["render_steps"],
                    help=f"sampling steps (default {DEMO['render_steps']})")
     p.add_argument("--seed", type=int, default=DEMO_SEED, help=f"world clip to edit (default {DEMO_SEED})")
@@ -60,7 +62,7 @@ def edit_argv(inputs: dict, run_dir: Path, *, model: str, prompt: str, steps: in
               edit_prompt: str | None = None,
               render_steps: int, seed: int = 0, device: str = "cpu", quiet: bool = False, mode: str = "mask-aware",
               mask_style: str = "bbox", reference: bool = True, lr: float = DEMO["lr"],
-              ref_video_every: int = DEMO["ref_video_every"], extra=()) -> list[str]:
+              ref_video_every: int = DEMO["ref_video_every"], colour_copies: int = DEMO["colour_copies"], extra=()) -> list[str]:
     """The `loraedit edit` command line for a world clip written by `world.write_clip`."""
     argv = ["edit", "--model", model, "--video", str(inputs["source_lossless"]),
             "--first-frame", str(inputs["first_frame"]), "--mask", str(inputs["mask"]), "--out", str(run_dir),
@@ -68,6 +70,8 @@ def edit_argv(inputs: dict, run_dir: Path, *, model: str, prompt: str, steps: in
             "--steps", str(steps), "--lr", str(lr), "--rank", str(DEMO["rank"]),
             "--render-steps", str(render_steps), "--guidance", str(DEMO["guidance"]), "--shift", str(DEMO["shift"]),
             "--seed", str(seed), "--device", device, "--mode", mode, "--mask-style", mask_style]
+    if colour_copies:
+        argv += ["--colour-copies", str(colour_copies)]
     if edit_prompt is not None:
         argv += ["--edit-prompt", edit_prompt]
     if reference and ref_steps > 0:
@@ -125,7 +129,7 @@ def run_demo(args) -> int:
     # as the paper: the source's caption trains, the edited video's caption renders (and trains stage 2)
     argv = edit_argv(inputs, run_dir, model=str(model), prompt=clip.caption, edit_prompt=clip.edited_caption, steps=args.steps,
                      ref_steps=args.ref_steps, render_steps=args.render_steps, seed=0, device=args.device,
-                     quiet=args.quiet)
+                     colour_copies=args.colour_copies, quiet=args.quiet)
     t_edit = time.perf_counter()
     rc = cli.main(argv)
     if rc != 0:

@@ -7,6 +7,8 @@ the transformer. Keys (B = 1; C latent channels and h×w from the model's VAE, l
     cond_train     (1, 4+C, T, h, w)  [M_cond, y] of the training condition (mask-channel models);
                    (1, 1+C, T, h, w)  [keep, latents kept tokens take] for Wan2.2-TI2V
     cond_render    the same with frame 0 = the edited first frame
+    hue.I.x0, hue.I.cond, hue.I.image  colour copy I of x0, cond_train, image_train (the hue turned by
+                   method.colour_copy_angles; only with colour_copies)
     ref.K.x0       (1, C, 1, h, w)    edited later frame K (stage-2 target)
     ref.K.cond     source frame K: keep outside the region, generate inside
     text, negative_text (1, 512, D)   UMT5 embeddings, padded to 512 tokens: the training prompt
@@ -65,6 +67,7 @@ class EncodeSettings:
     negative_prompt: str | None = None  # None: Wan's
     edit_prompt: str | None = None  # the edited video's caption (render, stage 2); None: prompt
     trigger: str = ""  # put before both
+    colour_copies: int = 0  # stage 1's hue-turned copies of the video (TrainSettings.colour_copies)
 
     @property
     def texts(self) -> tuple[str, str]:
@@ -81,7 +84,10 @@ class EncodeSettings:
 def cache_inputs(args: EncodeSettings) -> dict:
     """The settings the encodings depend on (with the prepared frames' hashes they name the cache file)."""
     train_text, render_text = args.texts
-    return {"model": str(args.model), "prompt": train_text, "edit_prompt": render_text, "negative_prompt": args.negative, "mode": args.mode}
+    inputs = {"model": str(args.model), "prompt": train_text, "edit_prompt": render_text, "negative_prompt": args.negative, "mode": args.mode}
+    if args.colour_copies:  # only then: caches made before the setting keep their names
+        inputs["colour_copies"] = args.colour_copies
+    return inputs
 
 
 def cache_metadata(path: Path) -> dict:
@@ -130,6 +136,11 @@ def cached(path: Path, key: str) -> bool:
 FIRST_FRAME_FREE = ("x0", "cond_train", "image_train")
 
 
+def to_uint8(frame: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] → (H, W, 3) uint8, the inverse of to_video_tensor."""
+    return ((frame.permute(1, 2, 0) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
 def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, reuse: dict[str, torch.Tensor] | None = None,
         key: str = "", base: str = "") -> dict[str, torch.Tensor]:
     """Encode everything for `prepared` into `path`, or read it back if it is already there.
@@ -141,7 +152,7 @@ def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, 
     """
     if cached(path, key):
         return load_file(str(path))
-    out = {k: v for k, v in (reuse or {}).items() if k in FIRST_FRAME_FREE or k.startswith("ref.")}
+    out = {k: v for k, v in (reuse or {}).items() if k in FIRST_FRAME_FREE or k.startswith(("ref.", "hue."))}
     fam = model_family(args.model)
     pipe = load_encoders(args.model, device)
     with torch.no_grad():
@@ -154,10 +165,16 @@ def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, 
         else:
             edit, _ = pipe.encode_prompt(render_text, do_classifier_free_guidance=False, max_sequence_length=512, device=device)
             out["text_edit"] = edit.float().cpu()
+        angles = method.colour_copy_angles(args.colour_copies)
         if pipe.image_encoder is not None:
             if "image_train" not in out:
                 out["image_train"] = pipe.encode_image(Image.fromarray(prepared["source"][0]), device).float().cpu()
             out["image_render"] = pipe.encode_image(Image.fromarray(prepared["first"]), device).float().cpu()
+            first_source = to_video_tensor(prepared["source"][:1])
+            for i, angle in enumerate(angles, 1):
+                if f"hue.{i}.image" not in out:
+                    turned = to_uint8(method.rotate_hue(first_source, angle)[0])
+                    out[f"hue.{i}.image"] = pipe.encode_image(Image.fromarray(turned), device).float().cpu()
         # the VAE encodes alone: UMT5 and CLIP (11.8 GB in bf16 for Wan2.1) are freed first
         vae = pipe.vae
         del pipe
@@ -170,6 +187,11 @@ def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, 
         mode = prepared["plan"].get("mode", "mask-aware") if args.mode == "auto" else args.mode
         if fam.expand_timesteps:
             out.update(token_conditions(vae, fam, source, first, region, mode, prepared["refs"], out))
+            for i, angle in enumerate(angles, 1):
+                if f"hue.{i}.x0" not in out:
+                    out[f"hue.{i}.x0"] = encode_video(vae, method.rotate_hue(source, angle)).cpu()
+                    # the training condition keeps the source's own latents: the copy's, where the copy is trained
+                    out[f"hue.{i}.cond"] = method.ti2v_condition(out[f"hue.{i}.x0"], out["cond_train"][:, :1])
         else:
             train_video, render_video, keep = condition_videos(source, first, region, mode, fam.spatial)
             if "x0" not in out:
@@ -177,6 +199,11 @@ def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, 
             if "cond_train" not in out:
                 out["cond_train"] = method.condition_tensor(encode_video(vae, train_video), keep, fam.temporal).cpu()
             out["cond_render"] = method.condition_tensor(encode_video(vae, render_video), keep, fam.temporal).cpu()
+            for i, angle in enumerate(angles, 1):
+                if f"hue.{i}.x0" not in out:
+                    out[f"hue.{i}.x0"] = encode_video(vae, method.rotate_hue(source, angle)).cpu()
+                    out[f"hue.{i}.cond"] = method.condition_tensor(encode_video(vae, method.rotate_hue(train_video, angle)), keep,
+                                                                   fam.temporal).cpu()
             for k, ref in prepared["refs"].items():
                 if f"ref.{k}.x0" in out:
                     continue

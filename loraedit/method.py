@@ -320,6 +320,23 @@ def ti2v_stock_keep(frames: int, h: int, w: int, temporal: int = TEMPORAL) -> to
     return keep
 
 
+def rotate_hue(video: torch.Tensor, angle: float) -> torch.Tensor:
+    """(F, 3, H, W) in [-1, 1] → the same with every colour turned by `angle` (radians) about the grey axis.
+
+    Stage 1's colour copies: a rotation about (1, 1, 1) keeps grey grey (0, the condition's
+    "generate" value, stays 0) and a colour's brightness and saturation, and changes its hue.
+    """
+    u = torch.full((3,), 3 ** -0.5, dtype=torch.float64)
+    cross = torch.tensor([[0.0, -u[2], u[1]], [u[2], 0.0, -u[0]], [-u[1], u[0], 0.0]], dtype=torch.float64)
+    rot = math.cos(angle) * torch.eye(3, dtype=torch.float64) + math.sin(angle) * cross + (1 - math.cos(angle)) * torch.outer(u, u)
+    return torch.einsum("ij,fjhw->fihw", rot.to(video.dtype), video).clamp(-1.0, 1.0)
+
+
+def colour_copy_angles(copies: int) -> list[float]:
+    """The hue turns of stage 1's `copies` colour copies: evenly around the circle, the source at 0."""
+    return [2 * math.pi * i / (copies + 1) for i in range(1, copies + 1)]
+
+
 def latent_index(frame: int, temporal: int = TEMPORAL) -> int:
     """The latent frame that holds pixel frame `frame`: 0 holds frame 0 alone, j ≥ 1 frames 4j-3 … 4j."""
     return (frame + temporal - 1) // temporal

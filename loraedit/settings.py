@@ -463,6 +463,9 @@ class TrainSettings(Settings):
                                     metavar="PATH", group="prompts", affects_result=False)
     mode: str = setting("auto", _MODE_HELP, parse=choice(*EDIT_MODES), group="inputs")
     steps: int = setting(100, "stage-1 steps on the video (default 100)", parse=integer, check=at_least(0))
+    colour_copies: int = setting(0, "stage 1 also trains on N copies of the video with every colour's hue turned (frame 0 and "
+                                    "condition alike), so the LoRA takes the object's colour from the first frame instead of "
+                                    "learning the source's (default 0: the paper)", parse=integer, check=at_least(0))
     ref_steps: int = setting(100, "stage-2 steps on the references (default 100; only with --ref)", parse=integer, check=at_least(0))
     ref_video_every: int = setting(10, "stage 2: every N-th step trains on the video (default 10; 0: never)", parse=integer, check=at_least(0))
     ref_sample: str = setting("still", "stage 2: how a reference trains: still (default, the paper: alone, one latent frame) or "

@@ -40,17 +40,22 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def sample_for_step(step: int, steps: int, ref_keys: list[int], video_every: int, g: torch.Generator) -> int | None:
-    """Which sample trains at `step`: None = the video, k = reference frame k.
+def sample_for_step(step: int, steps: int, ref_keys: list[int], video_every: int, g: torch.Generator,
+                    colour_copies: int = 0) -> int | str | None:
+    """Which sample trains at `step`: None = the video, k = reference frame k, "hueI" = colour copy I.
 
-    Stage 1 (step < steps) is the video alone. Stage 2 draws a reference at random each step and
-    mixes the video in every `video_every`-th step (the original code: ~1 video per 9 references).
+    Stage 1 (step < steps) is the video, in turn with its colour copies (step s: copy s mod (N+1),
+    0 = the video itself). Stage 2 draws a reference at random each step and mixes the video in
+    every `video_every`-th step (the original code: ~1 video per 9 references), its copies in turn.
     """
+    def video(n: int) -> str | None:  # the n-th video step: the video or one of its colour copies
+        return f"hue{n % (colour_copies + 1)}" if colour_copies and n % (colour_copies + 1) else None
+
     if step < steps or not ref_keys:
-        return None
+        return video(step) if step < steps else None
     i = step - steps
     if video_every > 0 and i % video_every == video_every - 1:
-        return None
+        return video(i // video_every)
     return ref_keys[int(torch.randint(len(ref_keys), (1,), generator=g))]
 
 
@@ -153,8 +158,8 @@ def write_losses(train_dir: Path, losses: list[float], samples: list[str], steps
 def sample_names(total: int, args: TrainSettings, ref_keys: list[int], steps: int | None = None, seed: int | None = None) -> list[str]:
     steps = args.steps if steps is None else steps
     seed = args.seed if seed is None else seed
-    return ["video" if (k := sample_for_step(s, steps, ref_keys, args.ref_video_every, step_generator(seed, s))) is None else f"ref{k}"
-            for s in range(total)]
+    keys = (sample_for_step(s, steps, ref_keys, args.ref_video_every, step_generator(seed, s), args.colour_copies) for s in range(total))
+    return ["video" if k is None else k if isinstance(k, str) else f"ref{k}" for k in keys]
 
 
 def experts_to_train(fam: family.ModelFamily, experts: str) -> tuple[str, ...]:
@@ -238,6 +243,9 @@ def train_expert(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tens
     text, text_edit = on_device(cache["text"]), on_device(cache.get("text_edit", cache["text"]))
     samples = {None: (on_device(cache["x0"]), on_device(cache["cond_train"]), on_device(cache.get("image_train")), text)}
     positions = {None: list(range(samples[None][0].shape[2]))}  # rotary time position of each latent frame
+    for i in range(1, args.colour_copies + 1):  # stage 1's colour copies: the video with every hue turned
+        samples[f"hue{i}"] = (on_device(cache[f"hue.{i}.x0"]), on_device(cache[f"hue.{i}.cond"]), on_device(cache.get(f"hue.{i}.image")), text)
+        positions[f"hue{i}"] = positions[None]
     for k in ref_keys:
         x0, cond = on_device(cache[f"ref.{k}.x0"]), on_device(cache[f"ref.{k}.cond"])
         positions[k] = [0]
@@ -255,7 +263,7 @@ def train_expert(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tens
     bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=progress is False)
     for step in range(start, total):
         g = step_generator(seed, step)
-        key = sample_for_step(step, steps, ref_keys, args.ref_video_every, g)
+        key = sample_for_step(step, steps, ref_keys, args.ref_video_every, g, args.colour_copies)
         x0, cond, image, text = samples[key]
         sigma = expert_sigma(method.sample_sigma(1, args.timesteps, g, shift=args.train_shift), fam, expert)
         noise = torch.randn(x0.shape, generator=g).to(device)

@@ -49,3 +49,15 @@ def test_bench_scores_the_source_row_against_the_source_and_prints_the_bounds(tm
     assert f"clip {seed} stock I2V from source" not in capsys.readouterr().out
     assert bench.main(base + ["--variants", "mask-aware + reference"]) == 0
     assert f"clip {seed} mask-aware + reference" in capsys.readouterr().out
+
+
+def test_a_run_of_other_variants_adds_to_the_results_instead_of_dropping_them(tmp_path, capsys):
+    bench = _bench()
+    argv = ["--clips", "1", "--steps", "2", "--ref-steps", "2", "--render-steps", "2", "--out", str(tmp_path / "b"), "--no-ceiling"]
+    assert bench.main(argv + ["--variants", "stock I2V from source"]) == 0
+    assert bench.main(argv + ["--variants", "no LoRA (stock I2V)"]) == 0
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())["per_clip"]
+    assert {"stock I2V from source", "no LoRA (stock I2V)"} <= set(saved)
+    capsys.readouterr()
+    assert bench.main(argv + ["--variants", "stock I2V from source,no LoRA (stock I2V)"]) == 0
+    assert "clip " not in capsys.readouterr().out.split("claims benchmark")[0]  # both rows read back, none run again

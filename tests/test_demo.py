@@ -29,6 +29,8 @@ def test_short_demo_writes_every_output(tmp_path):
     assert set(m) >= {"psnr_in", "colour_err_in", "psnr_out", "first_psnr", "temporal_err"}
     assert all(np.isfinite(v) for k, v in m.items() if k != "psnr_back")
     assert record["reference_frame"] is not None and "--ref" in record["command"]
+    # stage 1 takes turns with the demo's hue-turned copies of the video
+    assert "--colour-copies" in record["command"] and ",1,hue1," in (out / "run/train/losses.csv").read_text()
 
 
 def test_demo_names_a_wrong_model_folder_and_the_fix(tmp_path, capsys):

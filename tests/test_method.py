@@ -1,5 +1,7 @@
 """The method's tensor core against diffusers' own Wan I2V pipeline and hand-checked cases."""
 
+import math
+
 import torch
 from diffusers import WanImageToVideoPipeline
 
@@ -134,3 +136,15 @@ def test_reference_pair_puts_the_edited_first_frame_before_the_reference():
     assert x0.shape == (1, 16, 2, 2, 3) and cond.shape == (1, 20, 2, 2, 3)
     assert x0[:, :, 0].eq(1).all() and x0[:, :, 1].eq(2).all() and cond[:, :, 0].eq(3).all() and cond[:, :, 1].eq(4).all()
     assert [method.latent_index(k) for k in (0, 1, 4, 5, 8, 12)] == [0, 1, 1, 2, 2, 3]
+
+
+def test_rotate_hue_turns_colours_about_the_grey_axis():
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1)
+    grey = torch.tensor([0.3, 0.3, 0.3]).view(1, 3, 1, 1)
+    # a third of a turn about (1, 1, 1) sends red to green and green to blue
+    assert torch.allclose(method.rotate_hue(red, 2 * math.pi / 3), torch.tensor([-1.0, 1.0, -1.0]).view(1, 3, 1, 1), atol=1e-6)
+    assert torch.allclose(method.rotate_hue(grey, 1.0), grey, atol=1e-6)  # grey (and 0, "generate") stays
+    assert torch.equal(method.rotate_hue(torch.zeros(2, 3, 4, 4), 2.0), torch.zeros(2, 3, 4, 4))
+    x = torch.rand(3, 3, 8, 8) * 0.6 - 0.3  # inside the cube after turning: brightness is kept
+    assert torch.allclose(method.rotate_hue(x, 0.7).mean(1), x.mean(1), atol=1e-6)
+    assert [round(a, 4) for a in method.colour_copy_angles(2)] == [round(2 * math.pi / 3, 4), round(4 * math.pi / 3, 4)]

@@ -289,3 +289,21 @@ def test_prepare_alone_refuses_to_replace_what_a_trained_lora_was_made_from(base
 
 def _snapshot_renders(run):
     return sorted(p.parent.name for p in run.glob("render*/settings.json"))
+
+
+def test_a_record_from_before_a_setting_existed_counts_as_its_default(base_run, tiny_model, clip, tmp_path, capsys):
+    """A run trained by an older loraedit (its record lacks --colour-copies, --ref-sample) is reused by the same
+    command, as it trained with what those settings' defaults do; another value is still refused."""
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    record_file = run / "train" / "record.json"
+    record = json.loads(record_file.read_text())
+    for name in ("colour_copies", "ref_sample"):
+        del record["settings"][name]
+    record_file.write_text(json.dumps(record))
+    before = _snapshot(run)
+    assert main(_argv(tiny_model, clip, run)) == 0
+    assert _snapshot(run)["lora"] == before["lora"]
+    capsys.readouterr()
+    assert main(_argv(tiny_model, clip, run, "--colour-copies", "1")) == 2
+    assert "--colour-copies 0 → 1" in capsys.readouterr().err

@@ -138,3 +138,33 @@ def test_paired_references_train_after_the_edited_first_frame_at_their_distance(
     assert torch.equal(ref[2], first)  # latent frame 0 of the pair is the edited first frame
     record = (tmp_path / "pair" / "train" / "record.json").read_text()
     assert '"ref_sample": "pair"' in record  # a changed --ref-sample is a changed training input
+
+
+def test_colour_copies_take_turns_with_the_video_wherever_the_video_trains():
+    g = lambda s: train.step_generator(0, s)  # noqa: E731
+    picks = [train.sample_for_step(s, 6, [8], 2, g(s), colour_copies=2) for s in range(14)]
+    assert picks[:6] == [None, "hue1", "hue2", None, "hue1", "hue2"]
+    assert picks[6:] == [8, None, 8, "hue1", 8, "hue2", 8, None]  # stage 2: every 2nd step the video, in turn
+    assert [train.sample_for_step(s, 6, [8], 0, g(s), colour_copies=2) for s in range(6, 9)] == [8, 8, 8]
+    assert [train.sample_for_step(s, 2, [], 2, g(s), colour_copies=1) for s in range(4)] == [None, "hue1", None, None]
+
+
+def test_colour_copies_train_on_the_video_with_its_hues_turned(tiny_model, clip, tmp_path, monkeypatch):
+    seen = []
+    real_step = train.training_step
+
+    def recording_step(transformer, optimizer, x0, cond, text, image, *a, **k):
+        seen.append((x0.clone(), cond.clone(), None if image is None else image.clone()))
+        return real_step(transformer, optimizer, x0, cond, text, image, *a, **k)
+
+    monkeypatch.setattr(train, "training_step", recording_step)
+    assert main(edit_argv(tiny_model, clip, tmp_path / "run", "--steps", "3", "--colour-copies", "2", "--render-steps", "1")) == 0
+    cache = load_file(str(next((tmp_path / "run" / "cache").glob("encoded-*.safetensors"))))
+    assert torch.equal(seen[0][0], cache["x0"]) and torch.equal(seen[1][0], cache["hue.1.x0"]) and torch.equal(seen[2][0], cache["hue.2.x0"])
+    assert not torch.allclose(cache["hue.1.x0"], cache["x0"], atol=0.05)  # another video, not a copy
+    assert torch.equal(seen[1][1][:, :4], cache["cond_train"][:, :4])  # the same keep mask, a turned condition video
+    assert torch.equal(seen[1][2], cache["hue.1.image"]) and not torch.equal(seen[1][2], cache["image_train"])
+    losses = (tmp_path / "run" / "train" / "losses.csv").read_text()
+    assert ",1,hue1," in losses and ",1,hue2," in losses
+    # another number of copies is another training: refused in the same run folder, not silently reused
+    assert main(edit_argv(tiny_model, clip, tmp_path / "run", "--steps", "3", "--colour-copies", "1", "--render-steps", "1")) == 2
