@@ -111,6 +111,11 @@ def run_demo(args) -> int:
     from loraedit.video import write_png, write_video
     from loraedit.world import clip_metrics, make_clip, write_clip
 
+    from loraedit.settings import RenderSettings, TrainSettings
+
+    # the flags the demo hands to `loraedit edit`, checked (one line, exit 2) before anything is written
+    TrainSettings(steps=args.steps, ref_steps=args.ref_steps, colour_copies=args.colour_copies)
+    RenderSettings(render_steps=args.render_steps)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = Path(args.model)

@@ -191,7 +191,7 @@ def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, 
                 if f"hue.{i}.x0" not in out:
                     out[f"hue.{i}.x0"] = encode_video(vae, method.rotate_hue(source, angle)).cpu()
                     # the training condition keeps the source's own latents: the copy's, where the copy is trained
-                    out[f"hue.{i}.cond"] = method.ti2v_condition(out[f"hue.{i}.x0"], out["cond_train"][:, :1])
+                    out[f"hue.{i}.cond"] = method.ti2v_condition(out[f"hue.{i}.x0"], out["cond_train"][0, 0])
         else:
             train_video, render_video, keep = condition_videos(source, first, region, mode, fam.spatial)
             if "x0" not in out:

@@ -40,3 +40,13 @@ def test_demo_names_a_wrong_model_folder_and_the_fix(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "nowhere" in err and "no such model folder" in err and "reinstall" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--colour-copies", "-1"), ("--steps", "-2"), ("--render-steps", "0")])
+def test_a_bad_demo_flag_is_one_line_before_anything_is_written(flag, value, tmp_path, capsys):
+    from loraedit import cli
+
+    rc = cli.main(["demo", flag, value, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"{flag} {value}" in err[0]
+    assert not (tmp_path / "o").exists()

@@ -286,7 +286,8 @@ def test_ti2v_edit_end_to_end_keeps_the_tokens_outside_the_region(tiny_layouts, 
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    assert _edit(tiny_layouts["ti2v"], clip, out, "--ref", f"8={clip['ref']}", "--ref-steps", "2", "--memory", "bf16") == 0
+    assert _edit(tiny_layouts["ti2v"], clip, out, "--ref", f"8={clip['ref']}", "--ref-steps", "2", "--memory", "bf16",
+                 "--colour-copies", "1", "--ref-sample", "pair") == 0
     assert (out / "render" / "edited.mp4").is_file() and (out / "lora" / "wan_lora.safetensors").is_file()
     (cache_file,) = (out / "cache").glob("encoded-*.safetensors")  # named by its inputs
     cache = load_file(str(cache_file))
@@ -299,6 +300,11 @@ def test_ti2v_edit_end_to_end_keeps_the_tokens_outside_the_region(tiny_layouts, 
     torch.testing.assert_close(render[:, 1:, 1:], x0[:, :, 1:])
     assert (render[:, 1:, :1] - x0[:, :, :1]).abs().max() > 1e-3  # frame 0: the edited first frame
     assert cache["ref.8.cond"].shape == (1, 49, 1, 4, 6) and cache["ref.8.cond"][0, 0].mean() < 1
+    # the colour copy: its own latents, kept where the source's are, no CLIP image (TI2V has no image encoder)
+    copy, copy_cond = cache["hue.1.x0"], cache["hue.1.cond"]
+    assert copy.shape == x0.shape and (copy - x0).abs().max() > 1e-2 and "hue.1.image" not in cache
+    assert torch.equal(copy_cond[:, :1], cond[:, :1]) and torch.equal(copy_cond[:, 1:], copy)
+    assert ",1,hue1," in (out / "train" / "losses.csv").read_text()
 
 
 def test_ti2v_sampler_returns_the_condition_on_kept_tokens_and_the_loss_ignores_them(tiny_layouts):
