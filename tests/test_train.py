@@ -114,32 +114,6 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_model, clip, tmp_p
     assert len(whole.strip().splitlines()) == 1 + 9 and ",2,ref8," in whole
 
 
-def test_paired_references_train_after_the_edited_first_frame_at_their_distance(tiny_model, clip, tmp_path, monkeypatch):
-    seen = []
-    real_step, real_positions = train.training_step, method.rope_time_positions
-
-    def recording_positions(transformer, positions):
-        seen.append(list(positions))
-        return real_positions(transformer, positions)
-
-    def recording_step(transformer, optimizer, x0, cond, *a, **k):
-        seen[-1] = (seen[-1], tuple(x0.shape), cond[:, -x0.shape[1]:, :1].clone())
-        return real_step(transformer, optimizer, x0, cond, *a, **k)
-
-    monkeypatch.setattr(method, "rope_time_positions", recording_positions)
-    monkeypatch.setattr(train, "training_step", recording_step)
-    assert main(edit_argv(tiny_model, clip, tmp_path / "pair", "--steps", "2", "--ref", f"8={clip['ref']}", "--ref-steps", "2",
-                          "--ref-video-every", "0", "--ref-sample", "pair", "--render-steps", "1")) == 0
-    video, ref = seen[0], seen[-1]
-    assert video[0] == [0, 1, 2, 3, 4] and video[1][2] == 5  # stage 1: the 17-frame video, frames 0…4
-    assert ref[0] == [0, 2] and ref[1][2] == 2  # frame 8 is in latent frame 2; the pair is two latent frames
-    cache = load_file(str(next((tmp_path / "pair" / "cache").glob("encoded-*.safetensors"))))
-    first = cache["cond_render"][:, -16:, :1]
-    assert torch.equal(ref[2], first)  # latent frame 0 of the pair is the edited first frame
-    record = (tmp_path / "pair" / "train" / "record.json").read_text()
-    assert '"ref_sample": "pair"' in record  # a changed --ref-sample is a changed training input
-
-
 def test_colour_copies_take_turns_with_the_video_wherever_the_video_trains():
     g = lambda s: train.step_generator(0, s)  # noqa: E731
     picks = [train.sample_for_step(s, 6, [8], 2, g(s), colour_copies=2) for s in range(14)]
@@ -149,22 +123,38 @@ def test_colour_copies_take_turns_with_the_video_wherever_the_video_trains():
     assert [train.sample_for_step(s, 2, [], 2, g(s), colour_copies=1) for s in range(4)] == [None, "hue1", None, None]
 
 
-def test_colour_copies_train_on_the_video_with_its_hues_turned(tiny_model, clip, tmp_path, monkeypatch):
+def test_colour_copies_and_paired_references_train_what_they_say(tiny_model, clip, tmp_path, monkeypatch):
+    """One edit with --colour-copies 2 and --ref-sample pair: what each training step was handed."""
     seen = []
-    real_step = train.training_step
+    real_step, real_positions = train.training_step, method.rope_time_positions
+
+    def recording_positions(transformer, positions):
+        seen.append([list(positions)])
+        return real_positions(transformer, positions)
 
     def recording_step(transformer, optimizer, x0, cond, text, image, *a, **k):
-        seen.append((x0.clone(), cond.clone(), None if image is None else image.clone()))
+        seen[-1] += [x0.clone(), cond.clone(), None if image is None else image.clone()]
         return real_step(transformer, optimizer, x0, cond, text, image, *a, **k)
 
+    monkeypatch.setattr(method, "rope_time_positions", recording_positions)
     monkeypatch.setattr(train, "training_step", recording_step)
-    assert main(edit_argv(tiny_model, clip, tmp_path / "run", "--steps", "3", "--colour-copies", "2", "--render-steps", "1")) == 0
+    assert main(edit_argv(tiny_model, clip, tmp_path / "run", "--steps", "3", "--colour-copies", "2", "--ref", f"8={clip['ref']}",
+                          "--ref-steps", "1", "--ref-video-every", "0", "--ref-sample", "pair", "--render-steps", "1")) == 0
     cache = load_file(str(next((tmp_path / "run" / "cache").glob("encoded-*.safetensors"))))
-    assert torch.equal(seen[0][0], cache["x0"]) and torch.equal(seen[1][0], cache["hue.1.x0"]) and torch.equal(seen[2][0], cache["hue.2.x0"])
+    # stage 1: the video, then its two colour copies, each with its own condition video and CLIP image
+    assert [s[0] for s in seen[:3]] == [[0, 1, 2, 3, 4]] * 3
+    assert torch.equal(seen[0][1], cache["x0"]) and torch.equal(seen[1][1], cache["hue.1.x0"]) and torch.equal(seen[2][1], cache["hue.2.x0"])
     assert not torch.allclose(cache["hue.1.x0"], cache["x0"], atol=0.05)  # another video, not a copy
-    assert torch.equal(seen[1][1][:, :4], cache["cond_train"][:, :4])  # the same keep mask, a turned condition video
-    assert torch.equal(seen[1][2], cache["hue.1.image"]) and not torch.equal(seen[1][2], cache["image_train"])
+    assert torch.equal(seen[1][2][:, :4], cache["cond_train"][:, :4])  # the same keep mask, a turned condition video
+    assert torch.equal(seen[1][3], cache["hue.1.image"]) and not torch.equal(seen[1][3], cache["image_train"])
+    # stage 2: the reference after the edited first frame, at frame 8's latent frame (2): two latent frames
+    ref = seen[3]
+    assert ref[0] == [0, 2] and ref[1].shape[2] == 2
+    assert torch.equal(ref[2][:, -16:, :1], cache["cond_render"][:, -16:, :1])  # latent frame 0: the edited first frame
+    assert torch.equal(ref[1][:, :, 1:], cache["ref.8.x0"])
     losses = (tmp_path / "run" / "train" / "losses.csv").read_text()
-    assert ",1,hue1," in losses and ",1,hue2," in losses
+    assert ",1,hue1," in losses and ",1,hue2," in losses and ",2,ref8," in losses
+    assert '"ref_sample": "pair"' in (tmp_path / "run" / "train" / "record.json").read_text()
     # another number of copies is another training: refused in the same run folder, not silently reused
-    assert main(edit_argv(tiny_model, clip, tmp_path / "run", "--steps", "3", "--colour-copies", "1", "--render-steps", "1")) == 2
+    assert main(edit_argv(tiny_model, clip, tmp_path / "run", "--steps", "3", "--colour-copies", "1", "--ref", f"8={clip['ref']}",
+                          "--ref-steps", "1", "--ref-video-every", "0", "--ref-sample", "pair", "--render-steps", "1")) == 2
