@@ -7,8 +7,8 @@ the transformer. Keys (B = 1; C latent channels and h×w from the model's VAE, l
     cond_train     (1, 4+C, T, h, w)  [M_cond, y] of the training condition (mask-channel models);
                    (1, 1+C, T, h, w)  [keep, latents kept tokens take] for Wan2.2-TI2V
     cond_render    the same with frame 0 = the edited first frame
-    hue.I.x0, hue.I.cond, hue.I.image  colour copy I of x0, cond_train, image_train (the hue turned by
-                   method.colour_copy_angles; only with colour_copies)
+    hue.IofN.x0, .cond, .image  colour copy I of x0, cond_train, image_train (the hue turned by I/N
+                   of a circle, method.colour_copy_angles; only with colour_copies = N-1)
     ref.K.x0       (1, C, 1, h, w)    edited later frame K (stage-2 target)
     ref.K.cond     source frame K: keep outside the region, generate inside
     text, negative_text (1, 512, D)   UMT5 embeddings, padded to 512 tokens: the training prompt
@@ -171,10 +171,10 @@ def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, 
                 out["image_train"] = pipe.encode_image(Image.fromarray(prepared["source"][0]), device).float().cpu()
             out["image_render"] = pipe.encode_image(Image.fromarray(prepared["first"]), device).float().cpu()
             first_source = to_video_tensor(prepared["source"][:1])
-            for i, angle in enumerate(angles, 1):
-                if f"hue.{i}.image" not in out:
+            for name, angle in angles.items():
+                if f"{name}.image" not in out:
                     turned = to_uint8(method.rotate_hue(first_source, angle)[0])
-                    out[f"hue.{i}.image"] = pipe.encode_image(Image.fromarray(turned), device).float().cpu()
+                    out[f"{name}.image"] = pipe.encode_image(Image.fromarray(turned), device).float().cpu()
         # the VAE encodes alone: UMT5 and CLIP (11.8 GB in bf16 for Wan2.1) are freed first
         vae = pipe.vae
         del pipe
@@ -187,11 +187,11 @@ def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, 
         mode = prepared["plan"].get("mode", "mask-aware") if args.mode == "auto" else args.mode
         if fam.expand_timesteps:
             out.update(token_conditions(vae, fam, source, first, region, mode, prepared["refs"], out))
-            for i, angle in enumerate(angles, 1):
-                if f"hue.{i}.x0" not in out:
-                    out[f"hue.{i}.x0"] = encode_video(vae, method.rotate_hue(source, angle)).cpu()
+            for name, angle in angles.items():
+                if f"{name}.x0" not in out:
+                    out[f"{name}.x0"] = encode_video(vae, method.rotate_hue(source, angle)).cpu()
                     # the training condition keeps the source's own latents: the copy's, where the copy is trained
-                    out[f"hue.{i}.cond"] = method.ti2v_condition(out[f"hue.{i}.x0"], out["cond_train"][0, 0])
+                    out[f"{name}.cond"] = method.ti2v_condition(out[f"{name}.x0"], out["cond_train"][0, 0])
         else:
             train_video, render_video, keep = condition_videos(source, first, region, mode, fam.spatial)
             if "x0" not in out:
@@ -199,11 +199,11 @@ def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, 
             if "cond_train" not in out:
                 out["cond_train"] = method.condition_tensor(encode_video(vae, train_video), keep, fam.temporal).cpu()
             out["cond_render"] = method.condition_tensor(encode_video(vae, render_video), keep, fam.temporal).cpu()
-            for i, angle in enumerate(angles, 1):
-                if f"hue.{i}.x0" not in out:
-                    out[f"hue.{i}.x0"] = encode_video(vae, method.rotate_hue(source, angle)).cpu()
-                    out[f"hue.{i}.cond"] = method.condition_tensor(encode_video(vae, method.rotate_hue(train_video, angle)), keep,
-                                                                   fam.temporal).cpu()
+            for name, angle in angles.items():
+                if f"{name}.x0" not in out:
+                    out[f"{name}.x0"] = encode_video(vae, method.rotate_hue(source, angle)).cpu()
+                    out[f"{name}.cond"] = method.condition_tensor(encode_video(vae, method.rotate_hue(train_video, angle)), keep,
+                                                                  fam.temporal).cpu()
             for k, ref in prepared["refs"].items():
                 if f"ref.{k}.x0" in out:
                     continue

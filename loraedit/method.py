@@ -332,9 +332,11 @@ def rotate_hue(video: torch.Tensor, angle: float) -> torch.Tensor:
     return torch.einsum("ij,fjhw->fihw", rot.to(video.dtype), video).clamp(-1.0, 1.0)
 
 
-def colour_copy_angles(copies: int) -> list[float]:
-    """The hue turns of stage 1's `copies` colour copies: evenly around the circle, the source at 0."""
-    return [2 * math.pi * i / (copies + 1) for i in range(1, copies + 1)]
+def colour_copy_angles(copies: int) -> dict[str, float]:
+    """The hue turns of stage 1's `copies` colour copies, evenly around the circle (the source at 0),
+    by name: "hue.IofN" turns by I/N of a circle (its name differs for every angle, so a cache never
+    hands one copy for another)."""
+    return {f"hue.{i}of{copies + 1}": 2 * math.pi * i / (copies + 1) for i in range(1, copies + 1)}
 
 
 def latent_index(frame: int, temporal: int = TEMPORAL) -> int:

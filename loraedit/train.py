@@ -243,8 +243,8 @@ def train_expert(args: TrainSettings, run_dir: Path, cache: dict[str, torch.Tens
     text, text_edit = on_device(cache["text"]), on_device(cache.get("text_edit", cache["text"]))
     samples = {None: (on_device(cache["x0"]), on_device(cache["cond_train"]), on_device(cache.get("image_train")), text)}
     positions = {None: list(range(samples[None][0].shape[2]))}  # rotary time position of each latent frame
-    for i in range(1, args.colour_copies + 1):  # stage 1's colour copies: the video with every hue turned
-        samples[f"hue{i}"] = (on_device(cache[f"hue.{i}.x0"]), on_device(cache[f"hue.{i}.cond"]), on_device(cache.get(f"hue.{i}.image")), text)
+    for i, name in enumerate(method.colour_copy_angles(args.colour_copies), 1):  # stage 1's colour copies: the video, hues turned
+        samples[f"hue{i}"] = (on_device(cache[f"{name}.x0"]), on_device(cache[f"{name}.cond"]), on_device(cache.get(f"{name}.image")), text)
         positions[f"hue{i}"] = positions[None]
     for k in ref_keys:
         x0, cond = on_device(cache[f"ref.{k}.x0"]), on_device(cache[f"ref.{k}.cond"])

@@ -301,8 +301,8 @@ def test_ti2v_edit_end_to_end_keeps_the_tokens_outside_the_region(tiny_layouts, 
     assert (render[:, 1:, :1] - x0[:, :, :1]).abs().max() > 1e-3  # frame 0: the edited first frame
     assert cache["ref.8.cond"].shape == (1, 49, 1, 4, 6) and cache["ref.8.cond"][0, 0].mean() < 1
     # the colour copy: its own latents, kept where the source's are, no CLIP image (TI2V has no image encoder)
-    copy, copy_cond = cache["hue.1.x0"], cache["hue.1.cond"]
-    assert copy.shape == x0.shape and (copy - x0).abs().max() > 1e-2 and "hue.1.image" not in cache
+    copy, copy_cond = cache["hue.1of2.x0"], cache["hue.1of2.cond"]
+    assert copy.shape == x0.shape and (copy - x0).abs().max() > 1e-2 and "hue.1of2.image" not in cache
     assert torch.equal(copy_cond[:, :1], cond[:, :1]) and torch.equal(copy_cond[:, 1:], copy)
     assert ",1,hue1," in (out / "train" / "losses.csv").read_text()
 

@@ -147,4 +147,6 @@ def test_rotate_hue_turns_colours_about_the_grey_axis():
     assert torch.equal(method.rotate_hue(torch.zeros(2, 3, 4, 4), 2.0), torch.zeros(2, 3, 4, 4))
     x = torch.rand(3, 3, 8, 8) * 0.6 - 0.3  # inside the cube after turning: brightness is kept
     assert torch.allclose(method.rotate_hue(x, 0.7).mean(1), x.mean(1), atol=1e-6)
-    assert [round(a, 4) for a in method.colour_copy_angles(2)] == [round(2 * math.pi / 3, 4), round(4 * math.pi / 3, 4)]
+    angles = method.colour_copy_angles(2)
+    assert list(angles) == ["hue.1of3", "hue.2of3"] and [round(a, 4) for a in angles.values()] == [round(2 * math.pi / 3, 4), round(4 * math.pi / 3, 4)]
+    assert set(method.colour_copy_angles(1)) == {"hue.1of2"}  # another angle, another name

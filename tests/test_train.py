@@ -143,10 +143,10 @@ def test_colour_copies_and_paired_references_train_what_they_say(tiny_model, cli
     cache = load_file(str(next((tmp_path / "run" / "cache").glob("encoded-*.safetensors"))))
     # stage 1: the video, then its two colour copies, each with its own condition video and CLIP image
     assert [s[0] for s in seen[:3]] == [[0, 1, 2, 3, 4]] * 3
-    assert torch.equal(seen[0][1], cache["x0"]) and torch.equal(seen[1][1], cache["hue.1.x0"]) and torch.equal(seen[2][1], cache["hue.2.x0"])
-    assert not torch.allclose(cache["hue.1.x0"], cache["x0"], atol=0.05)  # another video, not a copy
+    assert torch.equal(seen[0][1], cache["x0"]) and torch.equal(seen[1][1], cache["hue.1of3.x0"]) and torch.equal(seen[2][1], cache["hue.2of3.x0"])
+    assert not torch.allclose(cache["hue.1of3.x0"], cache["x0"], atol=0.05)  # another video, not a copy
     assert torch.equal(seen[1][2][:, :4], cache["cond_train"][:, :4])  # the same keep mask, a turned condition video
-    assert torch.equal(seen[1][3], cache["hue.1.image"]) and not torch.equal(seen[1][3], cache["image_train"])
+    assert torch.equal(seen[1][3], cache["hue.1of3.image"]) and not torch.equal(seen[1][3], cache["image_train"])
     # stage 2: the reference after the edited first frame, at frame 8's latent frame (2): two latent frames
     ref = seen[3]
     assert ref[0] == [0, 2] and ref[1].shape[2] == 2
