@@ -52,7 +52,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=DEMO_SEED, help=f"world clip to edit (default {DEMO_SEED})")
     p.add_argument("--model", default=str(TOY_MODEL), help="I2V model folder (default: the bundled toy model)")
     p.add_argument("--device", default="cpu", help="default cpu")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    # one thread: the toy's tensors are too small to gain from more, and each parallel region costs a wake-up
+    # (2-core CPU, 2026-11-27: 41 s idle and 40 s beside a busy process with 1 thread; 57 s and 48 s with 2)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1; 0: torch's choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_demo)
     return p
@@ -116,6 +118,8 @@ def run_demo(args) -> int:
     # the flags the demo hands to `loraedit edit`, checked (one line, exit 2) before anything is written
     TrainSettings(steps=args.steps, ref_steps=args.ref_steps, colour_copies=args.colour_copies)
     RenderSettings(render_steps=args.render_steps)
+    if args.threads < 0:
+        raise InputError(f"--threads {args.threads}: must be at least 0 (0: torch's choice)")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = Path(args.model)

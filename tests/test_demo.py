@@ -42,7 +42,7 @@ def test_demo_names_a_wrong_model_folder_and_the_fix(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("flag,value", [("--colour-copies", "-1"), ("--steps", "-2"), ("--render-steps", "0")])
+@pytest.mark.parametrize("flag,value", [("--colour-copies", "-1"), ("--steps", "-2"), ("--render-steps", "0"), ("--threads", "-1")])
 def test_a_bad_demo_flag_is_one_line_before_anything_is_written(flag, value, tmp_path, capsys):
     from loraedit import cli
 
