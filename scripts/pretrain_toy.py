@@ -37,6 +37,7 @@ text/image encoders); only the sizes differ. Four phases:
    latents) on random 9-frame 64x64 crops (first frame alone + two 4-frame chunks, so the causal
    cache is trained) of world clips, source and edited truth, half of the crops centred on the object.
    Skipped with --init-from FOLDER: that folder's VAE (and latent mean/std) is used unchanged.
+   --vae-init FOLDER (with --init-from none) starts this phase from FOLDER's VAE instead of a fresh one.
 2. Data: world clips rendered by --workers processes (each clip is a pure function of its seed), encoded
    with the VAE in batches on --device: source and edited truth (--dit-variants; mirrored copies optional),
    stock I2V condition latents (`method.stock_plan`: first frame, then zeros), CLIP embeddings of the
@@ -147,6 +148,9 @@ def build_pipeline(args, device):
         pipe = build_tiny_pipeline(seed=args.seed)
         torch.manual_seed(args.seed + 1)
         pipe.vae = AutoencoderKLWan(**VAE_CONFIG)
+        if getattr(args, "vae_init", None):  # continue the VAE phase from trained weights (same shape, strict)
+            trained = AutoencoderKLWan.from_pretrained(args.vae_init, subfolder="vae", torch_dtype=torch.float32)
+            pipe.vae.load_state_dict(trained.state_dict(), strict=True)
         pipe.transformer = transformer
         pipe.register_modules(vae=pipe.vae, transformer=transformer)
     pipe.to(device)
@@ -937,6 +941,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-eval-baseline", dest="eval_baseline", action="store_false",
                     help="skip evaluating the --init-from folder's own transformer for comparison")
     # VAE (only without --init-from)
+    ap.add_argument("--vae-init", dest="vae_init", default="", metavar="FOLDER",
+                    help="start the VAE phase from this model folder's VAE (e.g. loraedit/toymodel) instead of a fresh "
+                         "initialisation; its warm-up and cosine run again from --vae-lr (needs --init-from none)")
     ap.add_argument("--vae-steps", type=int, default=2200)
     ap.add_argument("--vae-batch", type=int, default=4)
     ap.add_argument("--vae-frames", type=int, default=9)
@@ -993,11 +1000,17 @@ def parse_args(argv=None):
         if not cfg_file.is_file():
             ap.error(f"--dit-init {args.dit_init}: not a transformer folder (no config.json); pass e.g. "
                      "loraedit/toymodel/transformer")
-        if args.candidates or not args.init_from:
-            ap.error("--dit-init continues one transformer: leave out --candidates, and keep --init-from (the VAE)")
+        if args.candidates:
+            ap.error("--dit-init continues one transformer: leave out --candidates")
         cfg = json.loads(cfg_file.read_text())
         args.layers, args.heads = cfg["num_layers"], cfg["num_attention_heads"]
         args.head_dim, args.ffn = cfg["attention_head_dim"], cfg["ffn_dim"]
+    if args.vae_init:
+        if args.init_from:
+            ap.error(f"--vae-init trains the VAE further, but --init-from {args.init_from} freezes it: add --init-from none")
+        if not (Path(args.vae_init) / "vae" / "config.json").is_file():
+            ap.error(f"--vae-init {args.vae_init}: not a model folder with a vae/ (no vae/config.json); pass e.g. "
+                     "loraedit/toymodel")
     if args.decoder_only and not args.init_from:
         ap.error("--decoder-only refines the decoder of --init-from's VAE: pass --init-from (e.g. loraedit/toymodel)")
     if args.dit_batch < 2:
@@ -1053,6 +1066,8 @@ def run(args, device, renderer: ClipRenderer) -> int:
                      "vae": [], "dit": [], "dec": []}
     if args.dit_init:  # the starting weights are an input of the result: record which bytes they were
         history["dit_init_sha256"] = weight_hashes(Path(args.dit_init))
+    if args.vae_init:
+        history["vae_init_sha256"] = weight_hashes(Path(args.vae_init) / "vae")
     log(f"device {history['device']}, torch {torch.__version__}, diffusers {diffusers.__version__}")
     eval_iter = renderer.clips(EVAL_SEEDS[:args.eval_clips])
     if args.decoder_only:

@@ -252,3 +252,35 @@ def test_decoder_only_refines_the_decoder_and_leaves_every_latent_as_it_was(tmp_
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_toy.py"), "--device", "cpu", "--init-from",
                         "none", "--decoder-only", "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and "--decoder-only" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_vae_init_starts_the_vae_phase_from_the_given_vae_and_dit_init_works_without_init_from(tmp_path, tiny_model):
+    """--vae-init continues a trained VAE (the toy's next GPU run); with --init-from none the transformer can
+    continue too (--dit-init), since its shape comes from its own config."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("pretrain_toy", ROOT / "scripts" / "pretrain_toy.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("pretrain_toy", mod)
+    spec.loader.exec_module(sys.modules["pretrain_toy"])
+    mod = sys.modules["pretrain_toy"]
+    bundled = ROOT / "loraedit" / "toymodel"
+    args = mod.parse_args(["--device", "cpu", "--init-from", "none", "--vae-init", str(bundled),
+                           "--dit-init", str(bundled / "transformer")])
+    pipe = mod.build_pipeline(args, torch.device("cpu"))
+    from diffusers import AutoencoderKLWan
+
+    saved = AutoencoderKLWan.from_pretrained(bundled, subfolder="vae").state_dict()
+    started = pipe.vae.state_dict()
+    assert saved.keys() == started.keys() and all(torch.equal(saved[k], started[k]) for k in saved)
+    fresh = mod.build_pipeline(mod.parse_args(["--device", "cpu", "--init-from", "none"]), torch.device("cpu"))
+    assert any(not torch.equal(fresh.vae.state_dict()[k], saved[k]) for k in saved)
+
+    script = [sys.executable, str(ROOT / "scripts" / "pretrain_toy.py"), "--device", "cpu", "--out", str(tmp_path / "o")]
+    r = subprocess.run(script + ["--vae-init", str(tmp_path / "nothing"), "--init-from", "none"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--vae-init" in r.stderr and "no vae/config.json" in r.stderr
+    r = subprocess.run(script + ["--vae-init", str(bundled), "--init-from", str(tiny_model)], capture_output=True, text=True)
+    assert r.returncode == 2 and "--init-from none" in r.stderr
+    assert not (tmp_path / "o").exists()
