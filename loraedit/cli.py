@@ -286,7 +286,19 @@ def quiet_libraries() -> None:
         lib_logging.disable_progress_bar()  # loading bars; our own stages show progress with an ETA
 
 
+def stop_on_sigint() -> None:
+    """Make SIGINT stop a run cleanly (KeyboardInterrupt: checkpoint kept, "run again to resume") even when the
+    process inherited it ignored: a shell starts a script's background jobs (`loraedit ui &`, nohup) with SIGINT
+    ignored, every child inherits that, and the web UI's Stop button, which sends SIGINT, then did nothing for
+    the queue's 60 s grace before the job was terminated without its message."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    stop_on_sigint()
     logging.basicConfig(format="loraedit: %(message)s", level=logging.WARNING, stream=sys.stderr)
     log.setLevel(logging.INFO)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -963,6 +963,9 @@ def parse_args(argv=None):
                     help="extra loss weight on the main object's pixels (1 + w * coverage)")
     ap.add_argument("--vae-clips", type=int, default=96)
     ap.add_argument("--vae-eval-every", type=int, default=300)
+    ap.add_argument("--vae-eval-clips", type=int, default=4,
+                    help="clips of the VAE's own held-out check during and after its phase (an evaluation only: the "
+                         "weights do not depend on it; 17-frame clips cost ~6 s each on a CPU)")
     ap.add_argument("--dec-steps", type=int, default=300)
     ap.add_argument("--dec-lr", type=float, default=2e-4)
     ap.add_argument("--dec-frames", type=int, default=17, help="full clips, so every causal chunk is refined")
@@ -1005,6 +1008,8 @@ def parse_args(argv=None):
         cfg = json.loads(cfg_file.read_text())
         args.layers, args.heads = cfg["num_layers"], cfg["num_attention_heads"]
         args.head_dim, args.ffn = cfg["attention_head_dim"], cfg["ffn_dim"]
+    if args.vae_eval_clips < 1:
+        ap.error(f"--vae-eval-clips {args.vae_eval_clips}: give at least 1 (the VAE's held-out check)")
     if args.vae_init:
         if args.init_from:
             ap.error(f"--vae-init trains the VAE further, but --init-from {args.init_from} freezes it: add --init-from none")
@@ -1084,7 +1089,7 @@ def run(args, device, renderer: ClipRenderer) -> int:
     eval_clips = list(eval_iter)
 
     if not args.init_from:
-        vae_pool_clips = list(renderer.clips(range(TRAIN_SEED_BASE + 900_000, TRAIN_SEED_BASE + 900_004)))
+        vae_pool_clips = list(renderer.clips(range(TRAIN_SEED_BASE + 900_000, TRAIN_SEED_BASE + 900_000 + args.vae_eval_clips)))
         pool = vae_pool(args, renderer)
         if args.check_determinism:
             with optional("VAE determinism check"):

@@ -626,3 +626,15 @@ def test_batch_with_no_ray_cluster_at_the_address_is_one_line_at_once(tiny_model
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--ray 127.0.0.1:{port}: no Ray cluster there" in err[0], err
     assert not (tmp_path / "b").exists()
+
+
+def test_sigint_stops_a_run_started_with_it_ignored():
+    """A shell starts a script's background jobs (`loraedit ui &`) with SIGINT ignored and every child inherits
+    that; the UI's Stop button sends SIGINT, so the CLI must take it back, or Stop waits 60 s and kills."""
+    code = ("import signal\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "from loraedit.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == "True", r.stdout + r.stderr

@@ -15,7 +15,7 @@ SMALL = ["--device", "cpu", "--threads", "1", "--workers", "2", "--layers", "2",
          "--ffn", "64", "--dit-clips", "2", "--dit-variants", "2", "--encode-batch", "4", "--dit-batch", "2",
          "--eval-clips", "1", "--eval-render-steps", "1", "--log-every", "1"]
 LEGACY_VAE = ["--dit-steps", "3", "--dit-warmup", "2", "--vae-steps", "1", "--vae-eval-every", "0", "--vae-clips", "1",
-              "--dec-steps", "1"]
+              "--vae-eval-clips", "1", "--dec-steps", "1"]
 
 
 def weights_digest(folder: Path, part: str = "") -> str:

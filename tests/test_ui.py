@@ -128,8 +128,11 @@ def test_error_line_is_the_cli_error_or_the_last_line_of_a_crash(tmp_path):
 
 
 FAKE_CLI = textwrap.dedent("""
-    import os, sys, time
-    # a stand-in for `loraedit`: records when it ran, draws a progress bar, fails on request
+    import os, signal, sys, time
+    # a stand-in for `loraedit`: records when it ran, draws a progress bar, fails on request, and (as
+    # loraedit.cli.stop_on_sigint) takes SIGINT even when started with it ignored (a background shell job)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     out = sys.argv[sys.argv.index("--out") + 1]
     open(os.path.join(out, "ran.txt"), "a").write(f"start {time.time()}\\n")
     try:
