@@ -28,6 +28,7 @@ demo: .venv/.installed
 	.venv/bin/loraedit demo
 
 # two pytest-xdist workers: most tests keep about one core busy, so on 2 cores the suite takes 6.6 min instead of 10
+# (2026-11-26's CPU; 8.3 min instead of 17 on 2026-11-27's slower one)
 test: .venv/.installed browser
 	$(PY) -m pytest -q -n 2
 
