@@ -15,7 +15,7 @@
         --out runs/toy_dec17 --dec-steps 400 --dec-batch 1 --dec-frames 17 --dec-crop 64 --dec-first-frames 2 \
         --dec-lr 2e-4 --vae-clips 192
 
-    # everything, the VAE included: the bundled model (one NVIDIA H200, 421 s, 2026-11-27; MODEL_CARD.md
+    # everything, the VAE included: run 1 of the bundled model (one NVIDIA H200, 421 s, 2026-11-27; MODEL_CARD.md
     # has these flags with the budgets' results filled in, which reproduce it without the budgets)
     python scripts/pretrain_toy.py --device cuda --init-from none --seed 0 --out M --vae-steps 8000 \
         --vae-batch 8 --vae-crop 128 --vae-warmup 100 --vae-calibrate 60 --vae-budget 180 --vae-clips 512 \
@@ -23,8 +23,17 @@
         --dit-steps 20000 --dit-batch 64 --dit-lr 5e-4 --ema 0.998 --dec-steps 150 --dec-crop 128 \
         --dec-first-frames 4 --budget 480 --budget-reserve 45 --check-determinism 5 --workers 14
 
-The bundled model is the output of the last command (commit c98e706 of this script; the model card has
-the sha256 of every file). The model before it was made on a 2-core CPU by this script as of commit
+    # the same VAE and transformer trained further (run 2, the bundled model: one NVIDIA H200, 493 s,
+    # 2026-11-27; R1 is the folder the command above made, in git at 5933aa1)
+    python scripts/pretrain_toy.py --device cuda --init-from none --seed 0 --out M --vae-init R1 \
+        --dit-init R1/transformer --vae-steps 8000 --vae-batch 8 --vae-crop 128 --vae-lr 3e-4 --vae-warmup 100 \
+        --vae-calibrate 60 --vae-budget 270 --vae-clips 512 --vae-first-frames 8 --dit-clips 2048 \
+        --object-weight 0 --dit-steps 20000 --dit-batch 64 --dit-lr 3e-4 --ema 0.998 --dec-steps 150 \
+        --dec-crop 128 --dec-first-frames 4 --budget 550 --budget-reserve 45 --check-determinism 5 --workers 14
+
+The bundled model is the output of the last command (commit a3fd077 of this script), which continued
+the output of the one before it (commit c98e706); the model card has both with the budgets' results
+filled in, and the sha256 of every file. The model before them was made on a 2-core CPU by this script as of commit
 8f2eca5 (79 minutes) and a --decoder-only refinement (14 minutes); it is in git history. The defaults
 here are the GPU recipe of 2026-11-26 evening for transformers alone: 4096 clips as source and edited
 truth, batch 256 at lr 1e-3, the velocity loss weighted on the moving object, EMA 0.996.
