@@ -150,3 +150,34 @@ def test_rotate_hue_turns_colours_about_the_grey_axis():
     angles = method.colour_copy_angles(2)
     assert list(angles) == ["hue.1of3", "hue.2of3"] and [round(a, 4) for a in angles.values()] == [round(2 * math.pi / 3, 4), round(4 * math.pi / 3, 4)]
     assert set(method.colour_copy_angles(1)) == {"hue.1of2"}  # another angle, another name
+
+
+def test_vae_on_the_cpu_runs_its_3d_convolutions_through_onednn_with_the_same_latents_and_pixels(tiny_model):
+    """models.onednn_conv3d: a one-video encode and decode of a small clip take PyTorch's im2col fallback
+    (aten::slow_conv3d_forward, 3× slower) unless routed to oneDNN; the results are the same."""
+    from torch.profiler import profile
+
+    from loraedit.encode import encode_video
+    from loraedit.models import load_vae
+
+    plain = WanImageToVideoPipeline.from_pretrained(tiny_model).vae.eval()
+    fast = load_vae(str(tiny_model), torch.device("cpu"))
+    video = torch.rand(9, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def run(vae):
+        with profile() as prof:
+            z = encode_video(vae, video)
+            with torch.no_grad():
+                pixels = vae.decode(z).sample
+        return z, pixels, {e.key for e in prof.key_averages()}
+
+    z0, p0, ops0 = run(plain)
+    z1, p1, ops1 = run(fast)
+    assert "aten::slow_conv3d_forward" in ops0  # what the fix is for: the fallback is taken without it
+    assert "aten::slow_conv3d_forward" not in ops1 and "aten::mkldnn_convolution" in ops1
+    torch.testing.assert_close(z1, z0, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(p1, p0, atol=1e-5, rtol=1e-4)
+    # training is left to PyTorch: with gradients the module's own convolution runs
+    x = video.permute(1, 0, 2, 3)[None].requires_grad_(True)
+    fast.encode(x).latent_dist.mode().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
