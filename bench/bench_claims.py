@@ -188,7 +188,9 @@ def main(argv=None) -> int:
     if not args.no_ceiling:
         from diffusers import AutoencoderKLWan
 
-        vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae").eval()
+        from loraedit.models import onednn_conv3d
+
+        vae = onednn_conv3d(AutoencoderKLWan.from_pretrained(model, subfolder="vae").eval())
         for seed in SEEDS[:args.clips]:
             clip = make_clip(seed)
             ceiling[seed] = clip_metrics(through_vae(vae, clip.truth), clip)

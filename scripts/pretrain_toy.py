@@ -104,6 +104,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loraedit import method  # noqa: E402
+from loraedit.models import onednn_conv3d  # noqa: E402
 from loraedit.world import make_clip  # noqa: E402
 
 TRAIN_SEED_BASE = 1_000_000  # world seeds used for pre-training start here (demo/bench/tests use small seeds)
@@ -165,6 +166,7 @@ def build_pipeline(args, device):
     pipe.to(device)
     for part in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
         part.eval()
+    onednn_conv3d(pipe.vae)  # the CPU's no-grad encodes and decodes at batch 1 (loraedit/models.py); training unchanged
     return pipe
 
 
@@ -1216,7 +1218,7 @@ def run_decoder_only(args, device, renderer: ClipRenderer, history: dict, eval_i
     folder's vae/). The held-out VAE evaluation before and after is in training.json."""
     from diffusers import AutoencoderKLWan
 
-    vae = AutoencoderKLWan.from_pretrained(args.init_from, subfolder="vae").to(device).eval()
+    vae = onednn_conv3d(AutoencoderKLWan.from_pretrained(args.init_from, subfolder="vae").to(device).eval())
     eval_clips = list(eval_iter)
     history["vae_eval_before"] = vae_eval(vae, eval_clips)
     log(f"VAE from {args.init_from}: held-out {history['vae_eval_before']}")
