@@ -193,7 +193,10 @@ def load_vae(model: str, device: torch.device):
 def _conv3d_forward(conv: torch.nn.Conv3d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     if (input.device.type == "cpu" and input.dtype == torch.float32 and not torch.is_grad_enabled()
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)):
-        return torch.mkldnn_convolution(input, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+        try:
+            return torch.mkldnn_convolution(input, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+        except RuntimeError:  # a CPU or build oneDNN does not serve: PyTorch's own choice, as without this
+            pass
     return torch.nn.Conv3d._conv_forward(conv, input, weight, bias)
 
 
