@@ -41,12 +41,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     from diffusers import WanTransformer3DModel
-    from peft import LoraConfig
     from safetensors.torch import load_file
 
     from loraedit import cli, method
     from loraedit.demo import TOY_MODEL, edit_argv
-    from loraedit.settings import DEFAULT_LORA_TARGETS
+    from loraedit.models import add_lora, lora_parameters
+    from loraedit.train import make_optimizer, training_step
     from loraedit.world import make_clip, write_clip
 
     model = args.model or str(TOY_MODEL)
@@ -66,11 +66,10 @@ def main(argv=None) -> int:
 
     tr = WanTransformer3DModel.from_pretrained(model, subfolder="transformer")
     tr.requires_grad_(args.full)
-    if not args.full:
-        torch.manual_seed(0)  # peft draws the LoRA's A matrices from torch's global generator
-        tr.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=DEFAULT_LORA_TARGETS))
-    params = [p for p in tr.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    if not args.full:  # the engine's LoRA (seeded initialisation) and optimiser, as `loraedit train` builds them
+        add_lora(tr, args.rank, float(args.rank), seed=0)
+    params = list(lora_parameters(tr).values()) if not args.full else list(tr.parameters())
+    opt = make_optimizer(params, args.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(123)
     n = len(SIGMAS)
     ev_sigma, ev_noise = torch.tensor(SIGMAS), torch.randn((n, *x0.shape[1:]), generator=g)
@@ -91,13 +90,10 @@ def main(argv=None) -> int:
     print(f"step {0:5d}: {errors()}", flush=True)
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
-    for step in range(1, args.steps + 1):  # the training step of loraedit/train.py: one σ, uniform (the paper)
+    for step in range(1, args.steps + 1):  # loraedit/train.py's step: one σ, uniform (the paper), grad clip 1
         sigma = method.sample_sigma(1, "uniform", gen)
         noise = torch.randn(x0.shape, generator=gen)
-        method.velocity_loss(tr, x0, cond, text, image, sigma, noise).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        training_step(tr, opt, x0, cond, text, image, sigma, noise, grad_clip=1.0)
         if step % max(args.steps // 4, 1) == 0 or step == args.steps:
             print(f"step {step:5d}: {errors()}  ({time.time() - t0:.0f} s)", flush=True)
     return 0
