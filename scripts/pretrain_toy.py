@@ -647,11 +647,28 @@ def object_weighted_loss(transformer, x0, condition, text, image, sigma, noise, 
     return (err * w).mean() / w.mean()
 
 
+def stock_i2v_batch_loss(data: dict, args):
+    """The loss of one batch on the stock I2V condition (frame 0 kept), weighted on the object (--object-weight):
+    (transformer, idx (B,), text (B, L, D), sigma (B,), noise (B, C, T, h, w)) → scalar."""
+    keep = stock_keep(data)
+
+    def loss(tr, idx, text, sigma, noise):
+        cond = method.condition_tensor(data["y"][idx], keep)
+        return object_weighted_loss(tr, data["x0"][idx], cond, text, data["image"][idx], sigma, noise,
+                                    data["cover"][idx], args.object_weight)
+    return loss
+
+
 def train_transformer(tr, data: dict, args, device, history: dict | None = None, stop_at: int | None = None,
-                      tag: str = ""):
-    """Flow matching on the stock I2V condition; returns (the EMA copy, steps planned, steps run).
+                      tag: str = "", batch_loss=None, reserve=None):
+    """Flow matching; returns (the EMA copy, steps planned, steps run). batch_loss (default: stock I2V,
+    `stock_i2v_batch_loss`) is what differs between model families; the batches, noise levels, noise, caption
+    dropout, schedule, EMA and budget are this loop's, drawn in the same order for every family. reserve()
+    is the seconds --budget keeps back for later phases (default: the decoder refinement's).
     Touches nothing global (own generators, own history), so candidates can train side by side in threads."""
     say = (lambda m: log(f"[{tag}] {m}")) if tag else log
+    batch_loss = batch_loss or stock_i2v_batch_loss(data, args)
+    reserve = reserve or (lambda: decoder_reserve(args, history))
     tr.train()
     ema = copy.deepcopy(tr).eval()
     for q in ema.parameters():
@@ -663,7 +680,6 @@ def train_transformer(tr, data: dict, args, device, history: dict | None = None,
     gen = torch.Generator(device=device).manual_seed(args.seed + 7)  # batches, caption dropout, noise
     sigma_gen = torch.Generator().manual_seed(args.seed + 8)  # noise levels (method.sample_sigma draws on the CPU)
     n = data["x0"].shape[0]
-    keep = stock_keep(data)
     B = args.dit_batch
     half = B // 2
     steps = args.dit_steps
@@ -673,7 +689,7 @@ def train_transformer(tr, data: dict, args, device, history: dict | None = None,
     budget = None
     if args.budget and history is not None:  # --budget: seconds from the script's start, less the reserve
         budget = ScheduleBudget(args.dit_calibrate, lambda: args.budget - args.budget_reserve
-                                - decoder_reserve(args, history) - (time.time() - T_START),
+                                - reserve() - (time.time() - T_START),
                                 "--dit-steps", history, "dit", device, say)
     step = 0
     with attention_kernel(device):  # (entered around all the threads too: the kernel choice is process-wide)
@@ -681,14 +697,12 @@ def train_transformer(tr, data: dict, args, device, history: dict | None = None,
             for g in opt.param_groups:
                 g["lr"] = lr_at_step(step, steps, args.dit_warmup, args.dit_lr)
             idx = torch.randint(0, n, (B,), generator=gen, device=device)
-            x0, y, image = data["x0"][idx], data["y"][idx], data["image"][idx]
             drop = torch.rand(B, generator=gen, device=device) < 0.1
             text = torch.where(drop[:, None, None], data["empty_text"][None], data["text"][data["text_idx"][idx]])
             sigma = torch.cat([method.sample_sigma(half, "uniform", sigma_gen),
                                method.sample_sigma(B - half, "shifted", sigma_gen, shift=3.0)]).to(device)
-            noise = torch.randn(x0.shape, generator=gen, device=device)
-            cond = method.condition_tensor(y, keep)
-            loss = object_weighted_loss(tr, x0, cond, text, image, sigma, noise, data["cover"][idx], args.object_weight)
+            noise = torch.randn((B, *data["x0"].shape[1:]), generator=gen, device=device)
+            loss = batch_loss(tr, idx, text, sigma, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -712,7 +726,7 @@ def train_transformer(tr, data: dict, args, device, history: dict | None = None,
                 say(f"DiT step {step}/{steps} loss {recent:.4f} (mean of last {args.log_every}) "
                     f"lr {lr_at_step(step, steps, args.dit_warmup, args.dit_lr):.2e} ({el:.0f}s, ETA {eta:.0f}s)")
                 if (args.budget and args.dit_calibrate < step < min(steps, stop)
-                        and time.time() - T_START > args.budget - args.budget_reserve / 2 - decoder_reserve(args, history)):
+                        and time.time() - T_START > args.budget - args.budget_reserve / 2 - reserve()):
                     history["dit_stopped_at"] = step
                     say(f"budget: stopping at step {step} of {steps} (reproduce with --dit-steps {steps} "
                         f"--dit-stop-at {step})")

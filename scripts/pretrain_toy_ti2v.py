@@ -37,7 +37,6 @@ generator seeded from --seed; --budget times the first steps (inside the fixed w
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import importlib.util
 import json
@@ -167,75 +166,14 @@ def stock_condition(x0: torch.Tensor) -> torch.Tensor:
 
 
 def train_transformer(tr, data: dict, args, device, history: dict | None = None, stop_at: int | None = None):
-    """Flow matching on the stock TI2V condition; returns (the EMA copy, steps planned, steps run).
-    A copy of pretrain_toy.train_transformer with the condition built by stock_condition and no image."""
-    tr.train()
-    ema = copy.deepcopy(tr).eval()
-    for q in ema.parameters():
-        q.requires_grad_(False)
-    params = list(tr.parameters())
-    ema_params = list(ema.parameters())
-    opt = torch.optim.AdamW(params, lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.01, fused=device.type == "cuda")
-    gen = torch.Generator(device=device).manual_seed(args.seed + 7)  # batches, caption dropout, noise
-    sigma_gen = torch.Generator().manual_seed(args.seed + 8)  # noise levels (method.sample_sigma draws on the CPU)
-    n = data["x0"].shape[0]
-    B = args.dit_batch
-    half = B // 2
-    steps = args.dit_steps
-    stop = min(steps, stop_at if stop_at is not None else (args.dit_stop_at or steps))
-    losses: list[torch.Tensor] = []
-    t0 = time.time()
-    budget = None
-    if args.budget and history is not None:  # --budget: seconds from the script's start, less the reserve
-        budget = toy.ScheduleBudget(args.dit_calibrate, lambda: args.budget - args.budget_reserve
-                                    - (time.time() - T_START), "--dit-steps", history, "dit", device, log)
-    step = 0
-    with toy.attention_kernel(device):
-        while step < min(steps, stop):
-            for g in opt.param_groups:
-                g["lr"] = toy.lr_at_step(step, steps, args.dit_warmup, args.dit_lr)
-            idx = torch.randint(0, n, (B,), generator=gen, device=device)
-            x0 = data["x0"][idx]
-            drop = torch.rand(B, generator=gen, device=device) < 0.1
-            text = torch.where(drop[:, None, None], data["empty_text"][None], data["text"][data["text_idx"][idx]])
-            sigma = torch.cat([method.sample_sigma(half, "uniform", sigma_gen),
-                               method.sample_sigma(B - half, "shifted", sigma_gen, shift=3.0)]).to(device)
-            noise = torch.randn(x0.shape, generator=gen, device=device)
-            loss = method.velocity_loss(tr, x0, stock_condition(x0), text, None, sigma, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            d = min(args.ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1 - d)
-            losses.append(loss.detach())
-            step += 1
-            if history is None:
-                continue
-            if budget is not None:
-                steps = budget.after_step(step, steps)
-            if step % args.log_every == 0 or step == min(steps, stop):
-                vals = torch.stack(losses).float().cpu().tolist()
-                history["dit"].extend({"step": step - len(vals) + i, "loss": v} for i, v in enumerate(vals))
-                losses.clear()
-                el = time.time() - t0
-                recent = float(np.mean([r["loss"] for r in history["dit"][-args.log_every:]]))
-                eta = el / step * (min(steps, stop) - step)
-                log(f"DiT step {step}/{steps} loss {recent:.4f} (mean of last {args.log_every}) "
-                    f"lr {toy.lr_at_step(step, steps, args.dit_warmup, args.dit_lr):.2e} ({el:.0f}s, ETA {eta:.0f}s)")
-                if (args.budget and args.dit_calibrate < step < min(steps, stop)
-                        and time.time() - T_START > args.budget - args.budget_reserve / 2):
-                    history["dit_stopped_at"] = step
-                    log(f"budget: stopping at step {step} of {steps} (reproduce with --dit-steps {steps} "
-                        f"--dit-stop-at {step})")
-                    break
-    toy.sync(device)
-    if history is not None:
-        history["dit_steps"] = steps
-        history["dit_steps_run"] = step
-        history["dit_seconds"] = time.time() - t0
-    return ema, steps, step
+    """Flow matching on the stock TI2V condition (no image embedding); returns (the EMA copy, steps planned, steps
+    run). The loop, its random draws and its budget are pretrain_toy.train_transformer's; only the loss differs,
+    and no later phase needs budget time."""
+    def batch_loss(model, idx, text, sigma, noise):
+        x0 = data["x0"][idx]
+        return method.velocity_loss(model, x0, stock_condition(x0), text, None, sigma, noise)
+
+    return toy.train_transformer(tr, data, args, device, history, stop_at, batch_loss=batch_loss, reserve=lambda: 0.0)
 
 
 # ---------------------------------------------------------------- held-out evaluation
