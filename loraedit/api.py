@@ -421,6 +421,8 @@ def render(run_dir: str | Path, s: RenderSettings, name: str | None = None, prog
                 log.info("already rendered with these settings: %s", out_dir / "edited.mp4")
                 return out_dir
             raise InputError(f"{out_dir}: holds a render with other settings; choose another --name (renders are never overwritten)")
+        # the caption is the trained run's (train's --edit-prompt), not a render setting: say which one it is
+        log.info("render: with the run's edited-video caption %r (`loraedit edit --edit-prompt` renders another)", es.texts[1])
         cache, key, _ = _encode(run_dir, es, prepared, hashes, device)
         source_video = recorded_settings(run_dir, PrepareSettings).get("video")
         figures = stage.run(s, run_dir, prepared, cache, device, out_dir, progress=progress, source_video=source_video,

@@ -148,15 +148,30 @@ def detect(path: str | Path) -> ModelFamily:
     return ModelFamily(WAN21, (HIGH,), None, False, True, z, spatial, temporal, patch, (1280, 720) if is_720p(path) else (832, 480))
 
 
-def auto_size(fam: ModelFamily, width: int, height: int) -> tuple[int, int]:
+def own_working_size(folder) -> tuple[tuple[int, int], int] | None:
+    """((W, H), frames) a model folder was trained at where it is not its family's: the bundled toy model's
+    (loraedit.demo's settings, which `loraedit demo` and the toy's model card use); None for any other folder."""
+    from loraedit import demo
+
+    try:
+        if not folder or Path(folder).resolve() != demo.TOY_MODEL.resolve():
+            return None
+    except OSError:
+        return None
+    W, H = (int(v) for v in demo.DEMO["size"].split("x"))
+    return (W, H), int(demo.DEMO["frames"])
+
+
+def auto_size(fam: ModelFamily, width: int, height: int, pixels: int | None = None) -> tuple[int, int]:
     """The working size for a width × height clip: the model's own bucket (832x480, 1280x720,
     1280x704, or portrait) for footage within 3% of its aspect; any other aspect keeps its shape
-    at the bucket's pixel count, in whole transformer tokens (16 or 32 pixels)."""
+    at the bucket's pixel count, in whole transformer tokens (16 or 32 pixels). `pixels`: a model trained
+    at its own size (own_working_size): the clip's aspect at that many pixels."""
     bucket = fam.size_for(width, height)
     aspect = width / height
-    if abs(bucket[0] / bucket[1] / aspect - 1) <= 0.03:
+    if pixels is None and abs(bucket[0] / bucket[1] / aspect - 1) <= 0.03:
         return bucket
-    m, budget = fam.size_multiple, bucket[0] * bucket[1]
+    m, budget = fam.size_multiple, pixels or bucket[0] * bucket[1]
     h = max(m, round(math.sqrt(budget / aspect) / m) * m)
     return max(m, round(h * aspect / m) * m), h
 
@@ -171,11 +186,12 @@ def family_of(model: str) -> ModelFamily:
     return detect(snapshot_download(model, allow_patterns=["*.json"]))
 
 
-def working_size(fam: ModelFamily, size: tuple[int, int] | None, width: int, height: int) -> tuple[int, int]:
+def working_size(fam: ModelFamily, size: tuple[int, int] | None, width: int, height: int,
+                 pixels: int | None = None) -> tuple[int, int]:
     """The size frames are fitted to: `size` (checked against the model's token size) or the model's
-    default for a source of width × height (auto_size)."""
+    default for a source of width × height (auto_size; `pixels` for a model trained at its own size)."""
     if size is None:
-        return auto_size(fam, width, height)
+        return auto_size(fam, width, height, pixels)
     w, h = size
     m = fam.size_multiple
     if w % m or h % m:

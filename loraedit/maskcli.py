@@ -117,7 +117,8 @@ def run_masks(args) -> int:
                     "check the contact sheet, or choose --start/--frames inside one shot", args.video, len(cuts["shots"]),
                     ", ".join(f"{c['time']:.2f} s (frame {c['selected']})" for c in cuts["cuts"]))
     motion: dict = {}
-    regions = masks.edit_regions(frames, first, opts, indices, info.n_frames, report=motion, cuts=[c["selected"] for c in cuts["cuts"]])
+    regions = masks.edit_regions(frames, first, opts, indices, info.n_frames, report=motion,
+                                 cuts=[c["selected"] for c in cuts["cuts"]], source_size=(info.width, info.height))
     t2 = time.perf_counter()
 
     out = Path(args.out)

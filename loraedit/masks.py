@@ -117,13 +117,25 @@ def _read_mask_frames(path: Path, indices: list[int], n_source: int) -> list[np.
     return [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in rgb]
 
 
-def _given_masks(opts: MaskOptions, F: int, H: int, W: int, indices: list[int], n_source: int) -> np.ndarray:
+def _given_masks(opts: MaskOptions, F: int, H: int, W: int, indices: list[int], n_source: int,
+                 source_size: tuple[int, int] | None = None) -> np.ndarray:
+    """--mask → (F, H, W) bool. A mask at the working size is used as it is; one of the video's aspect ratio
+    (source_size, (width, height)) is fitted the way the frames were; another aspect would put the region
+    somewhere else, so it is refused, as an edited first frame of another aspect is."""
     path = Path(opts.mask)
     if not path.exists():
         raise InputError(f"{path}: no such mask file or folder; check --mask")
     raw = _read_mask_frames(path, indices, n_source)
-    if any(m.shape != (H, W) for m in raw):
-        h, w = raw[0].shape
+    h, w = raw[0].shape
+    if (w, h) != (W, H) and source_size is not None:
+        sw, sh = source_size
+        if abs(w / h - sw / sh) > 0.02 * (sw / sh):
+            sizes = f"the video's size ({sw}x{sh})" + (f" or the working size ({W}x{H})" if (sw, sh) != (W, H) else "")
+            raise InputError(f"{path}: the mask is {w}x{h}, a different aspect ratio from the video's {sw}x{sh}; give it at {sizes}")
+        if (w, h) != (sw, sh):
+            log.warning("%s: the mask is %dx%d, the video %dx%d; resizing it (nearest) to match", path, w, h, sw, sh)
+            raw = [fit_to_size(m, sw, sh, nearest=True) for m in raw]
+    elif (w, h) != (W, H):
         log.warning("%s: masks are %dx%d, the frames %dx%d; resizing them (nearest) the way the frames were", path, w, h, W, H)
     regions = np.stack([fit_to_size(m, W, H, nearest=True) > 127 for m in raw])
     if not regions.any():
@@ -227,22 +239,29 @@ def _check_options(opts: MaskOptions) -> None:
 
 
 def _box_region(boxes, H: int, W: int) -> np.ndarray:
+    """Boxes in pixels of the working size → (H, W) bool. A box that reaches past the frame is refused, not
+    clipped: such a box is almost always in another frame's pixels (the source's), so clipping would edit
+    another region than the one meant."""
     r = np.zeros((H, W), bool)
     for x0, y0, x1, y1 in boxes:
         if x0 >= W or y0 >= H or x1 <= 0 or y1 <= 0:
             raise InputError(f"--box {x0},{y0},{x1},{y1}: lies outside the {W}x{H} frame (boxes are in pixels of the working size, --size)")
-        r[max(0, y0) : min(H, y1), max(0, x0) : min(W, x1)] = True
+        if x0 < 0 or y0 < 0 or x1 > W or y1 > H:
+            raise InputError(f"--box {x0},{y0},{x1},{y1}: reaches past the {W}x{H} frame; boxes are in pixels of the working "
+                             f"size (--size), within 0,0,{W},{H}, e.g. {max(0, x0)},{max(0, y0)},{min(W, x1)},{min(H, y1)}")
+        r[y0:y1, x0:x1] = True
     return r
 
 
 def edit_regions(frames: np.ndarray, first_frame: np.ndarray, opts: MaskOptions, indices: list[int], n_source: int,
-                 report: dict | None = None, cuts: list[int] = ()) -> np.ndarray:
+                 report: dict | None = None, cuts: list[int] = (), source_size: tuple[int, int] | None = None) -> np.ndarray:
     """The edit region of every selected frame, (F, H, W) bool, True = edit.
 
     report: when given, filled with what moved a followed region in each frame ("motion", one of
     region.MOTIONS per frame), whether the edit adds content ("added") and the first frame whose
     motion was ambiguous ("ambiguous_from").
     cuts: positions (0..F-1) of frames that start a new shot; a followed region is held there.
+    source_size: the video's (width, height), which a --mask may have instead of the working size.
     """
     _check_options(opts)
     F, H, W = frames.shape[:3]
@@ -251,7 +270,7 @@ def edit_regions(frames: np.ndarray, first_frame: np.ndarray, opts: MaskOptions,
         _warn_coverage(regions, opts.masks)
         return regions
     if opts.mask:
-        regions = _given_masks(opts, F, H, W, indices, n_source)
+        regions = _given_masks(opts, F, H, W, indices, n_source, source_size)
         where = opts.mask
     else:
         if opts.boxes:

@@ -381,19 +381,6 @@ class Spec:
     experts: int = 1
 
 
-def _own_working_size(folder) -> tuple[tuple[int, int], int] | None:
-    """((W, H), frames) a model folder was trained at where it is not its family's: the bundled toy model's
-    (loraedit.demo's settings, which `loraedit demo` and the toy's model card use)."""
-    from pathlib import Path
-
-    from loraedit import demo
-
-    if Path(folder).resolve() == demo.TOY_MODEL.resolve():
-        W, H = (int(v) for v in demo.DEMO["size"].split("x"))
-        return (W, H), int(demo.DEMO["frames"])
-    return None
-
-
 def spec_for(model: str, size: str | None, frames: int | None) -> Spec:
     """A model folder (config files are enough, no weights) or a known name → Spec."""
     import json
@@ -407,7 +394,7 @@ def spec_for(model: str, size: str | None, frames: int | None) -> Spec:
         experts = 2 if key == "wan2.2-i2v-a14b" else 1
         name = key
     else:
-        from loraedit.family import detect
+        from loraedit.family import detect, own_working_size
 
         p = Path(model)
         if not p.is_dir():
@@ -420,7 +407,7 @@ def spec_for(model: str, size: str | None, frames: int | None) -> Spec:
         config = json.loads(cfg_path.read_text())
         spatial, default_size, experts, name = fam.spatial, fam.default_size, len(fam.experts), f"{fam.name} ({p.name})"
         default_frames = 121 if fam.expand_timesteps else 49
-        own = _own_working_size(p)
+        own = own_working_size(p)
         if own is not None:  # a model trained at its own size (the bundled toy model): plan for that, not the family's
             default_size, default_frames = own
     if size:

@@ -120,11 +120,16 @@ def model_frame_rate(model: str | None) -> float:
 
 
 def model_pixel_budget(model: str | None) -> int:
-    """Pixels per frame the model was trained at: 1280×720 for a 720P model (by its name or
-    folder), else 832×480."""
+    """Pixels per frame the model was trained at: what its folder states, the bundled toy model's 128×128,
+    1280×720 for a 720P model (by its name or folder), else 832×480."""
+    from loraedit.family import own_working_size
+
     stated = _model_config_value(model, ("pixel_budget", "max_area"))
     if stated:
         return int(stated)
+    own = own_working_size(model)
+    if own is not None:
+        return own[0][0] * own[0][1]
     return 1280 * 720 if model and "720p" in str(model).lower() else PIXEL_BUDGET_480P
 
 
@@ -132,13 +137,14 @@ def select(info: VideoInfo, footage: Footage, model_fps: float = MODEL_FPS,
            budget: int = PIXEL_BUDGET_480P, model: str | None = None) -> tuple[FrameChoice, tuple[int, int]]:
     """The frames to edit and the working size (width, height); with a model folder, its own
     bucket and token size (loraedit.family: 480P, 720P, TI2V-5B's 1280x704 in 32-pixel tokens)."""
-    from loraedit.family import working_size
+    from loraedit.family import own_working_size, working_size
 
     choice = choose_frames(info, footage.frames, footage.start, fps=footage.fps, stride=footage.stride,
                            spread=footage.spread, model_fps=model_fps)
     fam = _family(model)
     if fam is not None and _model_config_value(model, ("pixel_budget", "max_area")) is None:
-        return choice, working_size(fam, footage.size, info.width, info.height)
+        own = own_working_size(model)  # the bundled toy model: its own 128×128, not Wan2.1's 832×480 (5× the side)
+        return choice, working_size(fam, footage.size, info.width, info.height, own and own[0][0] * own[0][1])
     size = footage.size or default_size(info.width, info.height, budget)
     return choice, size
 
@@ -311,7 +317,8 @@ def run(args: PrepareSettings, run_dir: Path) -> dict:
     else:
         # with --allow-cuts, a followed region is held at each cut instead of following nonsense across it
         at_cuts = [next(k for k, i in enumerate(indices) if i >= c.frame) for c in cuts]
-        regions = masks.edit_regions(frames, first, opts, indices, info.n_frames, cuts=at_cuts)
+        regions = masks.edit_regions(frames, first, opts, indices, info.n_frames, cuts=at_cuts,
+                                     source_size=(info.width, info.height))
     if regions.shape != frames.shape[:3]:
         raise RuntimeError(f"edit region shape {regions.shape} does not match frames {frames.shape[:3]}")
 

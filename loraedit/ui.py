@@ -199,7 +199,7 @@ def select_frames(video: str, model: str | None, values: dict) -> Selection:
     info = probe_video(video)
     model = model if model and Path(model).is_dir() else None
     choice, (width, height) = prepare.select(info, prepare.footage_from(settings), prepare.model_frame_rate(model),
-                                             prepare.model_pixel_budget(model))
+                                             prepare.model_pixel_budget(model), model)
     cuts = shots.report(video, choice.indices, info)["cuts"]
     return Selection(width, height, choice.indices, choice.fps, choice.rule, info.n_frames, (info.width, info.height), cuts)
 

@@ -111,6 +111,9 @@ def test_edit_after_render_with_another_seed_renders_the_trained_seed_and_says_w
     assert "--steps 4" in said and "--render-steps 2" in said and "--ref 8=" in said and "--seed" not in said, said
     caplog.clear()
     assert main(["render", "--out", str(trained_run), "--guidance", "4", "-q"]) == 0
+    # the caption it renders with is the trained run's, not a render flag: named too
+    [caption] = [r.getMessage() for r in caplog.records if "edited-video caption" in r.getMessage()]
+    assert "'sks a blue square'" in caption and "--edit-prompt" in caption, caption
     m = json.loads((trained_run / "manifest.json").read_text())
     new = [k for k in m["stages"] if k.startswith("render") and k not in before]
     assert len(new) == 1 and m["stages"][new[0]]["seed"] == 0 and m["stages"][new[0]]["settings"]["render_steps"] == 2

@@ -293,3 +293,24 @@ def test_the_model_folder_sets_the_rate_and_the_size(tmp_path):
     index = Path(ti2v) / "model_index.json"
     index.write_text(json.dumps(dict(json.loads(index.read_text()), fps=12)))
     assert prepare.model_frame_rate(ti2v) == 12
+
+
+def test_the_bundled_toy_model_works_at_its_own_size_not_wan21s(tmp_path):
+    # it was trained at 128x128: at Wan2.1's 480P budget a 128x128 clip became 624x624, 24x the pixels, and an
+    # edit that takes half a minute took nine
+    for (w, h), size in [((128, 128), (128, 128)), ((128, 224), (96, 176)), ((1920, 1080), (176, 96)), ((640, 640), (128, 128))]:
+        _, got = prepare.select(VideoInfo("c.mp4", w, h, 16, 40, 0, False), prepare.Footage(frames=17),
+                                16, prepare.model_pixel_budget(str(TOY_MODEL)), str(TOY_MODEL))
+        assert got == size, (w, h)
+    assert prepare.model_pixel_budget(str(TOY_MODEL)) == 128 * 128
+    # an explicit --size still wins
+    _, got = prepare.select(VideoInfo("c.mp4", 128, 128, 16, 40, 0, False), prepare.Footage(frames=17, size=(256, 256)),
+                            16, model=str(TOY_MODEL))
+    assert got == (256, 256)
+    # through the CLI, as a user runs it: a 96x64 clip is prepared at the toy's pixel count, not blown up
+    clip = moving_square_clip(tmp_path, 16, 2.0)
+    out = tmp_path / "run"
+    assert main(["prepare", "--model", str(TOY_MODEL), "--video", str(clip["video"]), "--first-frame",
+                 str(clip["first_frame"]), "--out", str(out), "--frames", "17", "--mask-style", "tight"]) == 0
+    plan = json.loads((out / "prepare" / "plan.json").read_text())
+    assert (plan["width"], plan["height"]) == (160, 112)

@@ -247,12 +247,16 @@ def test_box_is_followed_with_the_object(square):
     assert iou(r[-1], gt[-1]) > 0.7 and iou(r[-1], gt[0]) < 0.4
 
 
-def test_several_boxes_and_a_box_outside_the_frame(square):
+def test_several_boxes_and_boxes_outside_the_frame(square):
     video, _, _ = square
-    r = masks.edit_regions(video, video[0], opts(boxes=[(0, 0, 10, 10), (100, 60, 200, 200)], style="tight"), list(range(F)), F)
+    r = masks.edit_regions(video, video[0], opts(boxes=[(0, 0, 10, 10), (100, 60, 128, 96)], style="tight"), list(range(F)), F)
     assert r[0, :10, :10].all() and r[0, 60:, 100:].all() and r[0].sum() == 100 + 36 * 28
     with pytest.raises(InputError, match="--box 200,10,300,40: lies outside"):
         masks.edit_regions(video, video[0], opts(boxes=[(200, 10, 300, 40)]), list(range(F)), F)
+    # a box past the edge is in some other frame's pixels (the source's): refused, never clipped to the whole frame
+    for box, hint in [((0, 0, 500, 500), "0,0,128,96"), ((100, 60, 200, 200), "100,60,128,96"), ((-4, 10, 20, 30), "0,10,20,30")]:
+        with pytest.raises(InputError, match=rf"reaches past the 128x96 frame.*e\.g\. {hint}$"):
+            masks.edit_regions(video, video[0], opts(boxes=[box]), list(range(F)), F)
 
 
 def test_two_ways_of_giving_the_region_is_an_error(square, tmp_path):
@@ -277,6 +281,21 @@ def test_single_png_mask_for_every_frame(square, tmp_path):
     write_png(tmp_path / "m.png", gt[0].astype(np.uint8) * 255)
     r = masks.edit_regions(video, edited, opts(mask=str(tmp_path / "m.png"), style="tight"), list(range(F)), F)
     assert (r == gt[0]).all()
+
+
+def test_mask_of_the_videos_aspect_is_fitted_and_another_aspect_refused(square, tmp_path):
+    video, gt, edited = square
+    # the video was 256x192 (fitted to the 128x96 working size): a mask at its size, and one at half of that
+    for size in ((256, 192), (64, 48)):
+        big = cv2.resize(gt[0].astype(np.uint8) * 255, size, interpolation=cv2.INTER_NEAREST)
+        write_png(tmp_path / "m.png", big)
+        r = masks.edit_regions(video, edited, opts(mask=str(tmp_path / "m.png"), style="tight"), list(range(F)), F,
+                               source_size=(256, 192))
+        assert iou(r[0], gt[0]) > 0.9
+    # 100x64 is not the video's 4:3: stretching it would move the region, so it is refused (as a first frame is)
+    write_png(tmp_path / "wide.png", cv2.resize(gt[0].astype(np.uint8) * 255, (100, 64), interpolation=cv2.INTER_NEAREST))
+    with pytest.raises(InputError, match=r"wide.png: the mask is 100x64, a different aspect ratio from the video's 256x192"):
+        masks.edit_regions(video, edited, opts(mask=str(tmp_path / "wide.png")), list(range(F)), F, source_size=(256, 192))
 
 
 def test_mask_video_with_other_frame_count_is_resampled_by_time(square, tmp_path, caplog):
