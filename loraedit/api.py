@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from loraedit import runstate
-from loraedit.errors import InputError
+from loraedit.errors import InputError, StaleRunError
 from loraedit.files import read_json, write_json
 from loraedit.settings import PrepareSettings, RenderSettings, Settings, TrainSettings
 
@@ -305,7 +305,7 @@ def _refuse_changed_training(run_dir: Path, old: dict, new: dict, because: str =
     changed = runstate.differences(old, new)
     if changed == ["settings.seed"]:
         hint = "; to render with another seed, use `loraedit render --seed N`"
-    raise InputError(f"{run_dir}: the LoRA there {state} with other inputs ({what}); use a new --out, or --restart "
+    raise StaleRunError(f"{run_dir}: the LoRA there {state} with other inputs ({what}); use a new --out, or --restart "
                      f"to discard the trained LoRA and train again{hint}")
 
 

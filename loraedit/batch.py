@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from loraedit.errors import InputError
+from loraedit.errors import InputError, StaleRunError
 from loraedit.files import atomic_output, read_json, write_json
 
 log = logging.getLogger("loraedit")
@@ -316,9 +316,22 @@ def _peak_memory(run_dir: Path) -> float | None:
     return max(peaks) if peaks else None
 
 
-def run_job(job: Job, root: str, session: str, clip: str | None = None) -> dict:
+def _keep_aside(root: Path, run_dir: Path) -> Path:
+    """Move a job's run folder to ROOT/.previous/NAME-K (K = 1, 2, …) and return where it went."""
+    for k in itertools.count(1):
+        dest = root / ".previous" / f"{run_dir.name}-{k}"
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            run_dir.rename(dest)
+            return dest
+
+
+def run_job(job: Job, root: str, session: str, clip: str | None = None, on_start=None) -> dict:
     """Run one job to the end (edit, then eval) and return its record; never raises for the job's
-    own failure, so a bad job fails alone. A killed process simply stops: the next attempt resumes."""
+    own failure, so a bad job fails alone. A killed process simply stops: the next attempt resumes.
+    A job whose run folder holds a LoRA trained from other inputs (its edited frame, region or a training
+    setting changed in the jobs file) trains again; the old run is moved to ROOT/.previous, never deleted.
+    on_start(): called once the job's state file says it is running."""
     root_dir = Path(root)
     run_dir = root_dir / job.name
     state = _state_file(root_dir, job.name)
@@ -328,11 +341,13 @@ def run_job(job: Job, root: str, session: str, clip: str | None = None) -> dict:
               "host": socket.gethostname(), "started": time.time(), "fingerprint": fingerprint(job),
               "origin": job.origin, "variant": job.variant}
     write_json(state, record)
+    if on_start is not None:
+        on_start()
     t0 = time.perf_counter()
     log_file = root_dir / ".jobs" / f"{job.name}.log"
     if job.error:
         return _finish(state, record, t0, "failed", job.error)
-    from loraedit import cli
+    from loraedit import cli, runstate
 
     captured = io.StringIO()
     # the engine's log lines go where they always go, and into the job's log; its one-line error
@@ -345,6 +360,12 @@ def run_job(job: Job, root: str, session: str, clip: str | None = None) -> dict:
     try:
         with contextlib.redirect_stderr(_Tee(captured, sys.stderr)):
             rc = cli.main(job_argv(job, run_dir))
+            if rc == 2 and isinstance(runstate.last_error, StaleRunError):
+                kept = _keep_aside(root_dir, run_dir)
+                record["previous_run"] = str(kept)
+                log.warning("%s: its inputs changed since its LoRA was trained; the old run is kept in %s and the job "
+                            "trains again", job.name, kept)
+                rc = cli.main(job_argv(job, run_dir))
     except Exception as exc:  # an engine failure: this job fails, the batch goes on
         rc = 1
         captured.write(traceback.format_exc())
@@ -619,7 +640,8 @@ def run_batch(args) -> int:
     else:
         for j in todo:
             try:
-                run_job(j, str(root), session, args.clip)
+                # the page says which job is running, as the Ray path's polling does
+                run_job(j, str(root), session, args.clip, on_start=lambda: write_summary(root, jobs, _records(root, jobs), started))
             except JobInterrupted:
                 write_summary(root, jobs, _records(root, jobs), started)
                 return 130

@@ -309,12 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     inv = None
     from loraedit import runstate
 
-    runstate.last_command = None
+    runstate.last_command = runstate.last_error = None
     try:
         inv = resolve(argv)
         return inv.func(inv) if isinstance(inv, argparse.Namespace) else run_command(inv)
     except InputError as exc:
         print(f"loraedit: error: {exc}", file=sys.stderr)
+        runstate.last_error = exc
         return 2
     except KeyboardInterrupt:
         command = runstate.last_command or getattr(inv, "command", None)  # edit: the stage it was in

@@ -25,7 +25,7 @@ import numpy as np
 
 from loraedit import masks, prepare, settings, shots
 from loraedit.errors import InputError
-from loraedit.files import write_json
+from loraedit.files import sha256_path, write_json
 from loraedit.video import fit_edited, fit_to_size, probe_video, read_image, read_video_frames, write_png, write_video
 
 log = logging.getLogger("loraedit")
@@ -137,7 +137,7 @@ def run_masks(args) -> int:
     t3 = time.perf_counter()
     write_json(manifest, {
         "frames": len(indices), "width": width, "height": height, "indices": indices, "source_frames": info.n_frames,
-        "video": str(args.video), "model": model, "first_frame": str(args.first_frame) if args.first_frame else None, "fps": fps,
+        "video": str(args.video), "video_sha256": sha256_path(args.video), "model": model, "first_frame": str(args.first_frame) if args.first_frame else None, "fps": fps,
         "mask_style": opts.style, "segmenter": opts.segmenter, "source": "masks" if opts.mask else "box" if opts.boxes else "automatic",
         "region_fraction": float(regions.mean()), **motion, **cuts, "region_fraction_per_frame": [round(float(r.mean()), 4) for r in regions],
         "seconds": {"read": round(t1 - t0, 2), "regions": round(t2 - t1, 2), "write": round(t3 - t2, 2)},

@@ -143,6 +143,21 @@ def _given_masks(opts: MaskOptions, F: int, H: int, W: int, indices: list[int], 
     return regions
 
 
+def check_saved_masks_video(folder: str | Path, video: str | Path) -> None:
+    """InputError if the `loraedit masks` folder was made from another video than `video` (by the file's sha256;
+    a folder written before the hash was recorded is not checked). Frame count, size and source frames alone
+    cannot tell two clips of the same length and size apart."""
+    from loraedit.files import read_json, sha256_path
+
+    manifest = Path(folder) / MASKS_MANIFEST
+    if not manifest.is_file() or not Path(video).is_file():
+        return  # read_saved_masks says what is missing
+    made_from = read_json(manifest).get("video_sha256")
+    if made_from and made_from != sha256_path(video):
+        raise InputError(f"{folder}: the masks were made from another video ({read_json(manifest).get('video')}), not {video}; "
+                         f"run `loraedit masks --video {video} --out DIR` and pass that folder to --masks")
+
+
 def read_saved_masks(folder: str | Path, F: int, H: int, W: int, indices: list[int] | None = None) -> np.ndarray:
     """The masks written by `loraedit masks` (see maskcli), checked against the frames to edit."""
     from loraedit.files import read_json

@@ -86,6 +86,11 @@ def build_transformer(config: dict, mode: MemoryMode, device: torch.device, tens
     if mode.weights == "fp8":
         model.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=mode.compute_dtype)
     n = len(model.blocks)
+    if mode.swap > n:
+        import logging
+
+        logging.getLogger("loraedit").info("--memory %s: this model has %d blocks; all %d are swapped (as with swap%d)",
+                                           mode.name, n, n, n)
     host_blocks = set(range(n - min(mode.swap, n), n))
     host = torch.device("meta" if device.type == "meta" else "cpu")  # meta: the memory model's simulation
     for name, module in model.named_modules():

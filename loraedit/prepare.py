@@ -292,9 +292,11 @@ def run(args: PrepareSettings, run_dir: Path) -> dict:
     if footage.frames is None:
         log.info("--frames auto: %d frames (%.2f s at %g fps) from %.2f s", len(indices), len(indices) / choice.fps, choice.fps, choice.start_time)
     refs = check_refs(args.ref, len(indices))
+    opts = args.mask_options()
+    if opts.masks:
+        masks.check_saved_masks_video(opts.masks, args.video)  # before the frames are read
     raw, cuts = shots.read_frames_and_cuts(args.video, indices, info)
     shots.check_no_cuts(args.video, info, indices, choice.fps, footage.allow_cuts, cuts)
-    opts = args.mask_options()
     edited = read_image(args.first_frame)
     crop = warn_about_crop(info, (width, height), footage.size is not None, raw[0], at_source_size(edited, info), args.first_frame)
     frames = np.stack([fit_to_size(f, width, height) for f in raw])

@@ -186,6 +186,7 @@ def prune_encodings(run_dir: Path) -> list[Path]:
 
 _held: dict[str, int] = {}
 last_command: str | None = None  # the innermost command started in this process (for the Ctrl-C message)
+last_error: Exception | None = None  # the input error the last cli.main in this process printed (for `batch`)
 _held_guard = threading.Lock()
 
 

@@ -68,7 +68,7 @@ def test_job_mistakes_fail_that_job_alone_and_batch_mistakes_stop_before_anythin
     assert main(["batch", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "r")]) == 2
 
 
-def test_sequential_batch_runs_scores_and_reruns_only_what_is_not_done(tiny_model, clip, tmp_path, capsys):
+def test_sequential_batch_runs_scores_and_reruns_only_what_is_not_done(tiny_model, clip, tmp_path, capsys, monkeypatch):
     f = tmp_path / "jobs.toml"
     body = f"""
 model = "{tiny_model}"
@@ -117,3 +117,22 @@ frames = 16
     assert jobs["square.mode-naive"]["render"] == "render-2" and jobs["square.mode-naive"]["started"] > started["square.mode-naive"]
     assert jobs["bad"]["started"] == bad_started
     assert "square.mode-naive/render-2/side_by_side.mp4" in (root / "index.html").read_text()
+
+    # a training setting of one job changes: that job trains again (edit alone would refuse the run folder), its old
+    # run is kept aside, not deleted; the page says "running" while it trains
+    import loraedit.batch as batch_module
+
+    seen, real = [], batch_module.write_summary
+    monkeypatch.setattr(batch_module, "write_summary",
+                        lambda *a: (seen.append({n: r["status"] for n, r in a[2].items()}), real(*a))[1])
+    lora = "lora/pytorch_lora_weights.safetensors"
+    old_lora = (root / "bad" / lora).read_bytes()
+    f.write_text(body.replace("frames = 16", "frames = 17\nsteps = 3").replace('mode = ["mask-aware", "naive"]',
+                                                                           'mode = ["mask-aware", "naive"]\nguidance = 2.0'))
+    assert main(["batch", str(f), "--out", str(root)]) == 0
+    jobs = {j["name"]: j for j in read_json(root / "batch.json")["jobs"]}
+    assert jobs["bad"]["status"] == "done" and jobs["bad"]["previous_run"] == str(root / ".previous" / "bad-1")
+    assert (root / ".previous" / "bad-1" / lora).read_bytes() == old_lora != (root / "bad" / lora).read_bytes()
+    assert read_json(root / "bad" / "job.json")["train"]["steps"] == 3
+    assert {"square.mode-mask-aware": "done", "square.mode-naive": "done", "bad": "running"} in seen
+    assert "its inputs changed since its LoRA was trained" in (root / ".jobs" / "bad.log").read_text()

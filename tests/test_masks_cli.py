@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import av
 import cv2
@@ -124,6 +125,26 @@ def test_masks_dir_for_other_frames_is_refused(clip, tmp_path):
         masks.edit_regions(frames9, frames9[0], masks.MaskOptions(masks=str(out)), frame_indices(N, 9), N)
     with pytest.raises(InputError, match="no such folder"):
         masks.edit_regions(frames9, frames9[0], masks.MaskOptions(masks=str(tmp_path / "nope")), frame_indices(N, 9), N)
+
+
+def test_masks_dir_made_from_another_video_is_refused_by_edit(clip, tmp_path, capsys):
+    from loraedit.cli import main
+
+    out = tmp_path / "m"
+    run(masks_argv(clip, out))
+    assert read_json(out / "masks.json")["video_sha256"]
+    # another clip of the same length and size: frame count, size and source frames cannot tell them apart
+    other = tmp_path / "other.mkv"
+    write_video(other, np.ascontiguousarray(clip["frames"][:, ::-1]), 12, lossless=True)
+    toy = Path(__file__).resolve().parents[1] / "loraedit" / "toymodel"
+    argv = ["prepare", "--video", str(other), "--first-frame", str(clip["first_frame"]), "--frames", "9", "--size", "96x64",
+            "--masks", str(out), "--out", str(tmp_path / "run"), "--model", str(toy)]
+    assert main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "the masks were made from another video" in err[0] and f"--video {other}" in err[0], err
+    assert not (tmp_path / "run").exists()
+    # the video they were made from is accepted
+    assert main([*argv[:2], str(clip["video"]), *argv[3:]]) == 0
 
 
 def test_rerun_replaces_the_previous_output(clip, tmp_path):
