@@ -526,4 +526,18 @@ def run_plan(args) -> int:
             gpu_gib = torch.cuda.mem_get_info()[0] / 2**30
     result = plan(spec, gpu_gib, gpu_name, rank=args.rank)
     print(json.dumps(result) if args.json else format_plan(result))
+    edit_frames = _edit_default_frames()
+    if not args.json and args.frames is None and result["frames"] != edit_frames:
+        # e.g. TI2V-5B: planned at its own 121 frames, while `edit` without --frames takes 49 (and --memory auto
+        # picks for those), so the advice above is not what that edit gets
+        print(f"note: this plans the model's own {result['frames']} frames; `loraedit edit` takes {edit_frames} unless "
+              f"given --frames: `loraedit plan ... --frames {edit_frames}` plans for that")
     return 0
+
+
+def _edit_default_frames() -> int:
+    import dataclasses
+
+    from loraedit.settings import PrepareSettings
+
+    return int(next(f.default for f in dataclasses.fields(PrepareSettings) if f.name == "frames"))

@@ -318,3 +318,21 @@ def test_a_mode_that_cannot_fit_is_refused_naming_one_that_would():
         models.fitting_mode("bf16", WIDE, latent, "train", free)
     with pytest.raises(InputError, match="no memory mode"):
         models.fitting_mode("auto", WIDE, latent, "train", 0.001)
+
+
+def test_plan_says_when_it_plans_other_frames_than_edit_takes(monkeypatch, capsys):
+    """TI2V-5B is planned at its own 121 frames; `edit` without --frames takes 49, and --memory auto picks for those."""
+    import argparse
+
+    from loraedit import plan as plan_module
+
+    fake = {"model": "m", "frames": 121, "size": "1280x704", "tokens": 1, "gpu_memory_gib": None, "experts": 1, "modes": [],
+            "gpu": "H100", "chosen": None}
+    monkeypatch.setattr(plan_module, "spec_for", lambda *a: None)
+    monkeypatch.setattr(plan_module, "plan", lambda *a, **k: dict(fake))
+    args = argparse.Namespace(model="wan2.2-ti2v-5b", size=None, frames=None, gpu_memory=24.0, rank=16, json=False)
+    assert plan_module.run_plan(args) == 0
+    assert "note: this plans the model's own 121 frames; `loraedit edit` takes 49 unless given --frames" in capsys.readouterr().out
+    fake["frames"] = 49
+    assert plan_module.run_plan(args) == 0
+    assert "note:" not in capsys.readouterr().out
