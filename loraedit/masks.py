@@ -152,9 +152,9 @@ def check_saved_masks_video(folder: str | Path, video: str | Path) -> None:
     manifest = Path(folder) / MASKS_MANIFEST
     if not manifest.is_file() or not Path(video).is_file():
         return  # read_saved_masks says what is missing
-    made_from = read_json(manifest).get("video_sha256")
-    if made_from and made_from != sha256_path(video):
-        raise InputError(f"{folder}: the masks were made from another video ({read_json(manifest).get('video')}), not {video}; "
+    info = read_json(manifest)
+    if info.get("video_sha256") and info["video_sha256"] != sha256_path(video):
+        raise InputError(f"{folder}: the masks were made from another video ({info.get('video')}), not {video}; "
                          f"run `loraedit masks --video {video} --out DIR` and pass that folder to --masks")
 
 
