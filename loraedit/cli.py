@@ -188,6 +188,12 @@ def resolve(argv: list[str]) -> Invocation | argparse.Namespace:
             if k in names:
                 values[k] = v
                 sources.pop(k, None)
+        if cls is S.PrepareSettings and "frames" not in values:
+            from loraedit.family import own_working_size
+
+            own = own_working_size(values.get("model"))
+            if own is not None:  # the bundled toy model: its own 17 frames by default, as its own size (prepare.select)
+                values["frames"] = own[1]
         if args.command == "edit" and cls is S.RenderSettings:
             values.pop("first_frame", None)  # edit renders the first frame it prepared
             # one --seed in edit: the render samples with the seed the LoRA is trained with

@@ -526,7 +526,7 @@ def run_plan(args) -> int:
             gpu_gib = torch.cuda.mem_get_info()[0] / 2**30
     result = plan(spec, gpu_gib, gpu_name, rank=args.rank)
     print(json.dumps(result) if args.json else format_plan(result))
-    edit_frames = _edit_default_frames()
+    edit_frames = _edit_default_frames(args.model)
     if not args.json and args.frames is None and result["frames"] != edit_frames:
         # e.g. TI2V-5B: planned at its own 121 frames, while `edit` without --frames takes 49 (and --memory auto
         # picks for those), so the advice above is not what that edit gets
@@ -535,9 +535,14 @@ def run_plan(args) -> int:
     return 0
 
 
-def _edit_default_frames() -> int:
+def _edit_default_frames(model: str) -> int:
+    """The frames `loraedit edit` takes with this model and no --frames (cli.resolve)."""
     import dataclasses
 
+    from loraedit.family import own_working_size
     from loraedit.settings import PrepareSettings
 
+    own = own_working_size(model)
+    if own is not None:
+        return own[1]
     return int(next(f.default for f in dataclasses.fields(PrepareSettings) if f.name == "frames"))

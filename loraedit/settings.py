@@ -362,7 +362,7 @@ class PrepareSettings(Settings):
     first_frame: str | None = setting(None, "the edited first frame (PNG/JPEG)", parse=path, group="inputs")
     ref: dict = setting({}, "edited later frame K (0 < K < frames) as an appearance reference; repeatable",
                         parse=refs, metavar="K=PATH", repeat=True, group="inputs")
-    frames: int | str = setting(49, "frames to edit, 4k+1 (default 49), or auto: as many as fit, up to 81", parse=frames_or_auto,
+    frames: int | str = setting(49, "frames to edit, 4k+1 (default 49; 17 with the bundled toy model), or auto: as many as fit, up to 81", parse=frames_or_auto,
                                 check=frame_count, group="frames")
     size: str | None = setting(None, "WIDTHxHEIGHT, multiples of 16 (default: the clip's aspect at the model's pixel budget: "
                                      "832x480 for 16:9, 624x624 for a square clip)", parse=size, group="frames")

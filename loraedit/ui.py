@@ -769,12 +769,16 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
         # the model decides the frame rate and size of the selection too
         model_box.blur(on_model, [model_box], [model_err]).then(on_video, video_inputs, video_outputs)
         model_box.submit(on_model, [model_box], [model_err]).then(on_video, video_inputs, video_outputs)
-        def on_toy():
+        def on_toy(frames_v):
             from loraedit.demo import DEMO  # the toy model's own settings (docs/toy.md)
 
-            return str(TOY_MODEL), error_html(None), DEMO["guidance"], DEMO["render_steps"], DEMO["lr"]
+            # its own 17 frames in place of the generic default (as `edit` takes without --frames); a count the
+            # person typed stays
+            frames_v = str(DEMO["frames"]) if str(frames_v).strip() in ("", "49") else frames_v
+            return str(TOY_MODEL), error_html(None), DEMO["guidance"], DEMO["render_steps"], DEMO["lr"], frames_v
 
-        toy_btn.click(on_toy, None, [model_box, model_err, guidance, render_steps, lr]).then(on_video, video_inputs, video_outputs)
+        toy_btn.click(on_toy, [frames], [model_box, model_err, guidance, render_steps, lr, frames]).then(
+            on_video, video_inputs, video_outputs)
 
         def on_plan(model_v, frames_v, size_v, rank_v, gpu_v):
             """`loraedit plan` (the memory model) for the page's model, frames and size, shown as it prints."""

@@ -296,6 +296,8 @@ def test_the_model_folder_sets_the_rate_and_the_size(tmp_path):
 
 
 def test_the_bundled_toy_model_works_at_its_own_size_not_wan21s(tmp_path):
+    from loraedit.tiny import save_tiny_model
+
     # it was trained at 128x128: at Wan2.1's 480P budget a 128x128 clip became 624x624, 24x the pixels, and an
     # edit that takes half a minute took nine
     for (w, h), size in [((128, 128), (128, 128)), ((128, 224), (96, 176)), ((1920, 1080), (176, 96)), ((640, 640), (128, 128))]:
@@ -307,10 +309,20 @@ def test_the_bundled_toy_model_works_at_its_own_size_not_wan21s(tmp_path):
     _, got = prepare.select(VideoInfo("c.mp4", 128, 128, 16, 40, 0, False), prepare.Footage(frames=17, size=(256, 256)),
                             16, model=str(TOY_MODEL))
     assert got == (256, 256)
-    # through the CLI, as a user runs it: a 96x64 clip is prepared at the toy's pixel count, not blown up
-    clip = moving_square_clip(tmp_path, 16, 2.0)
+    # through the CLI, as a user runs it: a 96x64 clip of 4 s is prepared at the toy's pixel count, not blown up,
+    # and at its own 17 frames, not 49
+    clip = moving_square_clip(tmp_path, 16, 4.0)
     out = tmp_path / "run"
     assert main(["prepare", "--model", str(TOY_MODEL), "--video", str(clip["video"]), "--first-frame",
-                 str(clip["first_frame"]), "--out", str(out), "--frames", "17", "--mask-style", "tight"]) == 0
+                 str(clip["first_frame"]), "--out", str(out), "--mask-style", "tight"]) == 0
     plan = json.loads((out / "prepare" / "plan.json").read_text())
-    assert (plan["width"], plan["height"]) == (160, 112)
+    assert (plan["width"], plan["height"], plan["frames"]) == (160, 112, 17)
+    # another model folder keeps the default of 49 frames; a given --frames wins with the toy too
+    other = tmp_path / "tiny"
+    save_tiny_model(other)
+    assert main(["prepare", "--model", str(other), "--video", str(clip["video"]), "--first-frame",
+                 str(clip["first_frame"]), "--out", str(tmp_path / "run49"), "--size", "96x64", "--mask-style", "tight"]) == 0
+    assert json.loads((tmp_path / "run49" / "prepare" / "plan.json").read_text())["frames"] == 49
+    assert main(["prepare", "--model", str(TOY_MODEL), "--video", str(clip["video"]), "--first-frame",
+                 str(clip["first_frame"]), "--out", str(tmp_path / "run33"), "--frames", "33", "--mask-style", "tight"]) == 0
+    assert json.loads((tmp_path / "run33" / "prepare" / "plan.json").read_text())["frames"] == 33
