@@ -580,9 +580,9 @@ def _ray_connect(address: str):
 def run_batch(args) -> int:
     jobs = load_jobs(args.jobs)
     ray = _ray_connect(args.ray) if args.ray else None  # a missing cluster is reported before anything is written
-    root = Path(args.out).resolve()
-    if root.exists() and not root.is_dir():
-        raise InputError(f"--out {args.out}: is an existing file, not a batch folder; pass a folder path")
+    from loraedit.cli import check_out
+
+    root = check_out(args.out, "batch folder")  # a file, or a folder this user cannot write: one line
     session = uuid.uuid4().hex[:12]
     started = time.time()
     todo = [j for j in jobs if not _is_done(root, j)]

@@ -238,23 +238,23 @@ def check_render_name(name: str | None) -> str | None:
     return name
 
 
-def check_out(out: str, what: str = "run folder") -> Path:
-    """--out: a folder (existing or to be made) that this user can write. A folder that does not
+def check_out(out: str, what: str = "run folder", flag: str = "--out") -> Path:
+    """--out (or another folder flag): a folder (existing or to be made) that this user can write. A folder that does not
     exist yet is made to see that it can be, and removed again: the command makes it when it starts
     work, so a refused command leaves nothing behind."""
     from loraedit.files import missing_folders, remove_empty_folders
 
     p = Path(out).expanduser()
     if p.is_file():
-        raise InputError(f"--out {out}: is an existing file, not a {what}; pass a folder path")
+        raise InputError(f"{flag} {out}: is an existing file, not a {what}; pass a folder path")
     made = missing_folders(p)
     try:
         try:
             p.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise InputError(f"--out {out}: cannot create the {what} ({exc.strerror}); pass a folder you can write") from None
+            raise InputError(f"{flag} {out}: cannot create the {what} ({exc.strerror}); pass a folder you can write") from None
         if not os.access(p, os.W_OK | os.X_OK):
-            raise InputError(f"--out {out}: the {what} is not writable; pass a folder you can write")
+            raise InputError(f"{flag} {out}: the {what} is not writable; pass a folder you can write")
     finally:
         remove_empty_folders(made)
     return p.resolve()

@@ -130,7 +130,7 @@ def run_demo(args) -> int:
         raise InputError(f"{model}: the toy model is missing; reinstall loraedit (the package ships "
                          "loraedit/toymodel) or rebuild it with scripts/pretrain_toy.py")
     check_model(str(model))  # any other --model: the engine's own check, before the clip is rendered
-    out = Path(args.out)
+    out = cli.check_out(args.out, "demo folder")  # a file or a folder this user cannot write: one line, before the clip
     t0 = time.perf_counter()
     clip = make_clip(args.seed, frames=DEMO["frames"])
     paths = write_clip(clip, out / "inputs")

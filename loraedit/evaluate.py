@@ -383,6 +383,12 @@ def run_eval(args) -> int:
     for t in targets:
         if not t.exists():
             raise InputError(f"{t}: no such run folder or video")
+    if args.table:  # checked before the scoring, which can take minutes: one line, not a lost table at the end
+        from loraedit.cli import check_out
+
+        if Path(args.table).is_dir():
+            raise InputError(f"--table {args.table}: is a folder; pass a file name, e.g. {Path(args.table) / 'scores.md'}")
+        check_out(str(Path(args.table).expanduser().parent), "table's folder", flag="--table")
     clip = ClipScorer(args.clip, args.device) if args.clip else None
     if clip is None and not args.quiet:
         log.info("CLIP score and input similarity need CLIP weights: give --clip PATH (e.g. openai/clip-vit-large-patch14); skipped")

@@ -29,9 +29,10 @@ def register(subparsers) -> None:
 def run_ui(args) -> int:
     if not 0 < args.port < 65536:
         raise InputError(f"--port {args.port}: must be between 1 and 65535")
+    from loraedit.cli import check_out
+
+    check_out(args.runs, "folder of the run folders", flag="--runs")  # a file, or not writable: one line
     runs = Path(args.runs)
-    if runs.exists() and not runs.is_dir():
-        raise InputError(f"--runs {runs}: is a file; pass a folder for the run folders")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
     try:
         import gradio  # noqa: F401

@@ -641,3 +641,26 @@ def test_sigint_stops_a_run_started_with_it_ignored():
             "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip().splitlines()[-1] == "True", r.stdout + r.stderr
+
+
+def test_every_output_folder_flag_that_cannot_be_written_is_one_line_before_any_work(clip, tmp_path, capsys):
+    """demo, batch, ui and eval --table: a folder that cannot be made is refused at once, not after the
+    clip was rendered, the jobs trained or the videos scored (tests run as root, so "cannot be made" is
+    a path under a regular file)."""
+    (tmp_path / "file").write_text("x")
+    under_file = str(tmp_path / "file" / "sub")
+    (tmp_path / "jobs.toml").write_text(f'[[job]]\nname = "a"\nvideo = "{clip["video"]}"\n'
+                                        f'first_frame = "{clip["first_frame"]}"\n')
+    cases = [
+        (["demo", "--out", under_file], "--out", "demo folder"),
+        (["batch", str(tmp_path / "jobs.toml"), "--out", under_file], "--out", "batch folder"),
+        (["ui", "--runs", under_file], "--runs", "folder of the run folders"),
+        (["eval", str(clip["video"]), "--table", under_file + "/t.md"], "--table", "table's folder"),
+    ]
+    for argv, flag, what in cases:
+        assert main(argv) == 2, argv
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith(f"loraedit: error: {flag} ") and f"cannot create the {what}" in err[0], err
+    assert main(["eval", str(clip["video"]), "--table", str(tmp_path)]) == 2  # a folder, not a file name
+    assert "is a folder; pass a file name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "jobs.toml"]  # nothing written
