@@ -239,7 +239,8 @@ def _translation(d: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ what moves the region
 
-STILL_PX = 1.0  # corners moving less than this between frames (flow-scale pixels) have not moved
+STILL_PX = 1.0  # corners moving less than this between frames (flow-scale pixels) may have stayed put
+PAN_PX = 0.1  # a camera fit moving corners less than this a frame (median, flow-scale pixels) is a still camera
 OWN_EXPLAINS = 0.45  # the region's own motion must predict this share of it ...
 OWN_MARGIN = 0.1  # ... this much more than the scene's motion does ...
 OWN_SHIFT = 0.5  # ... and take it at least this many pixels away from where the scene's would
@@ -300,11 +301,18 @@ def _scene_motion(a: np.ndarray, b: np.ndarray, exclude: np.ndarray) -> tuple[np
     if tracked is None:
         return _translation(np.zeros(2)), True
     src, dst = tracked
-    still = np.linalg.norm(dst - src, axis=1) < STILL_PX
     M = _similarity(src, dst)
     if M is None:
         M = _translation(np.median(dst - src, axis=0))
-    fits = (np.linalg.norm(src @ M[:, :2].T + M[:, 2] - dst, axis=1) < STILL_PX) & ~still
+    by_fit = src @ M[:, :2].T + M[:, 2]
+    if np.median(np.linalg.norm(by_fit - src, axis=1)) < PAN_PX:
+        return _translation(np.zeros(2)), True  # the best fit hardly moves anything: a still camera's jitter
+    # each corner goes with whichever explains it better, staying put or the fit: a slow pan (under
+    # a pixel a frame) moves every corner less than STILL_PX, but the fit explains it far better
+    off_still = np.linalg.norm(dst - src, axis=1)
+    off_fit = np.linalg.norm(by_fit - dst, axis=1)
+    still = (off_still < STILL_PX) & (off_still <= off_fit)
+    fits = (off_fit < STILL_PX) & (off_fit < off_still)
     if still.sum() >= 8 and _spread(src[still]) >= _spread(src[fits]):
         return _translation(np.zeros(2)), True
     return M, False
