@@ -150,6 +150,26 @@ def _trained_from(hashes: dict, model: str, ref_steps: int) -> dict:
     return out
 
 
+# the run's folders that prepare and train replace or discard (renders are never overwritten)
+REPLACED_PARTS = ("prepare", ".prepare-new", ".prepare-old", "train", "lora", "cache")
+
+
+def _refuse_inputs_the_run_replaces(run_dir: Path, s: PrepareSettings) -> None:
+    """An input inside a folder this run replaces (say prepare/source/000.png, edited in place as
+    the frame to start from) would be overwritten by the new prepare: refused while it is intact."""
+    files = {"--first-frame": s.first_frame, "--mask": s.mask, "--masks": s.masks}
+    files.update({f"--ref {k}=": p for k, p in s.ref.items()})
+    run = run_dir.resolve()
+    for flag, path in files.items():
+        if path is None:
+            continue
+        where = Path(path).resolve()
+        for part in REPLACED_PARTS:
+            if where == run / part or (run / part) in where.parents:
+                raise InputError(f"{flag} {path}: is inside the run's {part}/ folder, which this command rewrites; "
+                                 f"copy it out first (e.g. cp {path} {run_dir.parent / Path(path).name}) and pass the copy")
+
+
 def prepare(run_dir: str | Path, s: PrepareSettings, restart: bool = False, then_train: TrainSettings | None = None) -> dict:
     """Frames, edited first frame, references and edit regions → RUN/prepare; returns the plan.
 
@@ -163,6 +183,7 @@ def prepare(run_dir: str | Path, s: PrepareSettings, restart: bool = False, then
     run_dir = Path(run_dir)
     with runstate.run_lock(run_dir, "prepare"):
         s.check_files()
+        _refuse_inputs_the_run_replaces(run_dir, s)
         s = s.replace(model=_check_model(s.model))
         record = {"settings": _no_model(s.result_dict()), "inputs": _prepare_inputs(s)}
         rec_file = run_dir / "prepare" / "record.json"

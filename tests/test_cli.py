@@ -664,3 +664,26 @@ def test_every_output_folder_flag_that_cannot_be_written_is_one_line_before_any_
     assert main(["eval", str(clip["video"]), "--table", str(tmp_path)]) == 2  # a folder, not a file name
     assert "is a folder; pass a file name" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "jobs.toml"]  # nothing written
+
+
+def test_an_input_edited_in_place_inside_the_run_folder_is_refused_not_overwritten(tiny_model, clip, tmp_path, capsys):
+    """README: prepare/source/ shows the frames numbered. A person who edits one there and passes it as
+    --first-frame or --ref would have it replaced by the plain source frame when prepare runs again."""
+    import shutil
+
+    run = tmp_path / "run"
+    argv = ["prepare", "--model", str(tiny_model), "--video", str(clip["video"]), "--first-frame", str(clip["first_frame"]),
+            "--out", str(run), "--frames", "9", "--size", "128x128"]
+    assert main(argv) == 0
+    inside = run / "prepare" / "source" / "000.png"
+    shutil.copy(clip["first_frame"], inside)  # "edited in place"
+    ref_inside = run / "prepare" / "source" / "004.png"
+    before = {p: p.read_bytes() for p in (inside, ref_inside)}
+    capsys.readouterr()
+    for extra, flag in ((["--first-frame", str(inside)], "--first-frame"), (["--ref", f"4={ref_inside}"], "--ref 4=")):
+        assert main(argv + extra) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and f"loraedit: error: {flag}" in err[0] and "inside the run's prepare/ folder" in err[0], err
+    assert all(p.read_bytes() == b for p, b in before.items())  # nothing rewritten
+    shutil.copy(inside, tmp_path / "edited.png")  # the copy the message asks for is taken
+    assert main(argv + ["--first-frame", str(tmp_path / "edited.png")]) == 0
