@@ -446,6 +446,13 @@ def render(run_dir: str | Path, s: RenderSettings, name: str | None = None, prog
         log.info("render: with the run's edited-video caption %r (`loraedit edit --edit-prompt` renders another)", es.texts[1])
         cache, key, _ = _encode(run_dir, es, prepared, hashes, device)
         source_video = recorded_settings(run_dir, PrepareSettings).get("video")
+        if source_video and Path(source_video).is_file():
+            # the sound comes from the source file: only while it is the file the frames were taken from
+            was = read_json(run_dir / "prepare" / "record.json").get("inputs", {}).get("video") \
+                if (run_dir / "prepare" / "record.json").is_file() else None
+            if was is not None and runstate.file_hashes({"video": source_video}).get("video") != was:
+                log.warning("render: %s has changed since it was prepared; the result gets no sound from it", source_video)
+                source_video = None
         figures = stage.run(s, run_dir, prepared, cache, device, out_dir, progress=progress, source_video=source_video,
                             record=record)
         manifest.update(run_dir, out_dir.name, dict(figures, cache=f"cache/encoded-{key}.safetensors"), s.to_dict(),

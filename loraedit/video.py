@@ -511,10 +511,18 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, lossless: bool
             if not lossless and (stream.width % 2 or stream.height % 2):
                 raise ValueError("H.264 needs even frame sizes")
             audio_in = audio_out = None
+            transcode = False
             if audio_from is not None:
                 audio_in = av.open(str(audio_from))
                 if audio_in.streams.audio:
-                    audio_out = out.add_stream_from_template(audio_in.streams.audio[0])
+                    src = audio_in.streams.audio[0]
+                    try:
+                        audio_out = out.add_stream_from_template(src)
+                    except ValueError:
+                        # a codec the container cannot hold (old cameras' ADPCM or µ-law in an AVI):
+                        # re-encoded to AAC, which every player takes
+                        audio_out = out.add_stream("aac", rate=src.rate or 48000)
+                        transcode = True
             fmt = "rgb24" if frames.ndim == 4 else "gray"
             for img in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format=fmt)):
@@ -524,7 +532,14 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, lossless: bool
             if audio_out is not None:
                 duration = len(frames) / float(rate)
                 src = audio_in.streams.audio[0]
-                for packet in audio_in.demux(src):
+                if transcode:
+                    for frame in audio_in.decode(src):
+                        if frame.time is not None and frame.time > duration:
+                            break
+                        frame.pts = None  # the encoder counts samples itself
+                        out.mux(audio_out.encode(frame))
+                    out.mux(audio_out.encode(None))
+                for packet in [] if transcode else audio_in.demux(src):
                     if packet.dts is None:
                         continue
                     if packet.pts is not None and packet.pts * src.time_base > duration:

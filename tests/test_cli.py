@@ -687,3 +687,36 @@ def test_an_input_edited_in_place_inside_the_run_folder_is_refused_not_overwritt
     assert all(p.read_bytes() == b for p, b in before.items())  # nothing rewritten
     shutil.copy(inside, tmp_path / "edited.png")  # the copy the message asks for is taken
     assert main(argv + ["--first-frame", str(tmp_path / "edited.png")]) == 0
+
+
+def test_render_takes_sound_only_from_the_source_it_prepared(tiny_model, clip, tmp_path, caplog):
+    """The result carries the source's sound; a render after the source file was replaced must not put
+    another clip's sound under the old frames."""
+    import av
+
+    from loraedit.video import read_video_frames, write_video
+
+    wav = tmp_path / "tone.wav"
+    with av.open(str(wav), "w") as out:
+        a = out.add_stream("pcm_s16le", rate=8000)
+        a.layout = "mono"
+        frame = av.AudioFrame.from_ndarray((np.sin(np.arange(24000) * 0.3) * 8000).astype(np.int16)[None], format="s16", layout="mono")
+        frame.sample_rate = 8000
+        out.mux([*a.encode(frame), *a.encode()])
+    frames = read_video_frames(clip["video"], list(range(24)))
+    video = tmp_path / "with_sound.mkv"
+    write_video(video, frames, 16, audio_from=str(wav))
+    run = tmp_path / "run"
+    argv = edit_argv(tiny_model, dict(clip, video=video), run, "--steps", "1", "--render-steps", "1")
+    assert main(argv) == 0
+
+    def has_sound(path):
+        with av.open(str(path)) as c:
+            return bool(c.streams.audio)
+
+    assert has_sound(run / "render" / "edited.mp4")
+    write_video(video, frames[::-1], 16, audio_from=str(wav))  # another clip at the same path
+    with caplog.at_level("WARNING"):
+        assert main(["render", "--out", str(run), "--seed", "1", "-q"]) == 0
+    assert not has_sound(run / "render-2" / "edited.mp4")
+    assert any("has changed since it was prepared; the result gets no sound from it" in r.getMessage() for r in caplog.records)

@@ -174,6 +174,35 @@ def test_source_audio_is_carried_into_the_output(tmp_path):
     assert probe_video(tmp_path / "out.mp4").has_audio
 
 
+@pytest.mark.parametrize("codec", ["adpcm_ima_wav", "pcm_mulaw"])
+def test_source_audio_that_mp4_cannot_hold_is_re_encoded_not_a_crash(tmp_path, codec):
+    """Old cameras write ADPCM or µ-law sound in AVI; mp4 takes neither, and copying it crashed the
+    render after training. It is re-encoded to AAC, cut to the video's length."""
+    src = tmp_path / "cam.avi"
+    with av.open(str(src), "w") as out:
+        v = out.add_stream("mjpeg", rate=16)
+        v.pix_fmt, v.width, v.height = "yuvj420p", 64, 48
+        a = out.add_stream(codec, rate=8000)
+        a.layout = "mono"
+        tone = (np.sin(np.arange(16000) / 8000 * 2 * np.pi * 440) * 8000).astype(np.int16)[None]
+        for i in range(0, 16000, 1000):  # two seconds of sound
+            frame = av.AudioFrame.from_ndarray(tone[:, i:i + 1000], format="s16", layout="mono")
+            frame.sample_rate, frame.pts = 8000, i
+            for packet in a.encode(frame):
+                out.mux(packet)
+        for i in range(32):
+            out.mux(v.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 7, np.uint8), format="rgb24")))
+        out.mux([*a.encode(), *v.encode()])
+    frames = np.zeros((17, 48, 64, 3), np.uint8)
+    write_video(tmp_path / "out.mp4", frames, 16, audio_from=str(src))
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        a = c.streams.audio[0]
+        assert a.codec_context.name == "aac"
+        seconds = sum(f.samples for f in c.decode(a)) / a.rate
+    # the video's length, not the source's 2 s (to the end of the sound block that crosses it: ADPCM's hold 0.26 s)
+    assert 17 / 16 - 0.05 < seconds < 17 / 16 + 0.4, seconds
+
+
 # ------------------------------------------------------------------ edited frames (images)
 
 def test_grayscale_16bit_and_alpha_pngs(tmp_path):
