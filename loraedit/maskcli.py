@@ -43,6 +43,7 @@ def register(subparsers) -> None:
                    help="the Wan I2V model folder `edit` will use: the default size and frame rate are its own "
                         "(default: Wan2.1-480P's)")
     prepare.add_footage_arguments(p)  # the same frames and size as `loraedit edit`
+    p.set_defaults(frames=None)  # unset: the model's own count, as `edit` takes it (run_masks)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     masks.add_mask_arguments(p)
     p.set_defaults(func=run_masks)
@@ -96,6 +97,12 @@ def run_masks(args) -> int:
     info = probe_video(args.video)
     if not opts.mask and not opts.boxes and not args.first_frame:
         raise InputError("--first-frame is required to find the edit region (or give the region with --box or --mask)")
+    if args.frames is None:  # as `edit`: the bundled toy model's own 17 frames, else the settings' default
+        from loraedit.family import own_working_size
+        from loraedit.settings import PrepareSettings
+
+        own = own_working_size(model)
+        args.frames = own[1] if own is not None else PrepareSettings.__dataclass_fields__["frames"].default
     footage = prepare.footage_of_arguments(args)
     choice, (width, height) = prepare.select(info, footage, prepare.model_frame_rate(model), prepare.model_pixel_budget(model), model)
     indices = choice.indices

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +169,19 @@ def edit_outside_crop(source0: np.ndarray, edited0: np.ndarray, width: int, heig
     return float((region & ~kept).sum() / max(1, region.sum()))
 
 
+def _exact_aspect_size(src_w: int, src_h: int, pixels: int) -> tuple[int, int] | None:
+    """The size in multiples of 16 with exactly src_w:src_h's aspect whose pixel count is nearest
+    `pixels` (within 4× either way), or None."""
+    best = None
+    for w in range(16, 16 * 512, 16):
+        h = w * src_h / src_w
+        if abs(h - round(h)) < 1e-6 and round(h) % 16 == 0 and round(h) > 0:
+            off = abs(math.log(w * round(h) / pixels))
+            if off <= math.log(4) and (best is None or off < best[0]):
+                best = (off, (w, round(h)))
+    return None if best is None else best[1]
+
+
 def warn_about_crop(info: VideoInfo, size: tuple[int, int], explicit: bool, source0: np.ndarray, edited0: np.ndarray | None,
                     path: str) -> dict:
     """One warning line when the size cuts away more than a quarter of the frame (explicit
@@ -178,10 +192,17 @@ def warn_about_crop(info: VideoInfo, size: tuple[int, int], explicit: bool, sour
     if edited0 is not None and edited0.shape[:2] == (info.height, info.width) and frame_cut > 0:
         edit_cut = edit_outside_crop(source0, edited0, width, height)
     if edit_cut > 0.005 or (explicit and frame_cut > CROP_WARN):
-        fit = aspect_size(info.width, info.height, width * height)
         part = f" and {100 * edit_cut:.0f}% of the edit" if edit_cut > 0.005 else ""
-        log.warning("%s: the size %dx%d cuts away %.0f%% of the %dx%d frame%s; --size %dx%d keeps the whole frame at about the same pixel count",
-                    path, width, height, 100 * frame_cut, info.width, info.height, part, *fit)
+        fit = aspect_size(info.width, info.height, width * height)
+        if fit != (width, height) and crop_fraction(info.width, info.height, *fit) < frame_cut:
+            whole = "the whole frame" if crop_fraction(info.width, info.height, *fit) < 0.005 else "more of the frame"
+            advice = "--size %dx%d keeps %s at about the same pixel count" % (*fit, whole)
+        else:  # no multiple-of-16 size near this pixel count has the clip's aspect: the nearest that has
+            exact = _exact_aspect_size(info.width, info.height, width * height)
+            advice = ("--size %dx%d keeps the whole frame" % exact if exact else
+                      "no size in multiples of 16 has this clip's aspect; pad the video to one that does to keep it all")
+        log.warning("%s: the size %dx%d cuts away %.0f%% of the %dx%d frame%s; %s",
+                    path, width, height, 100 * frame_cut, info.width, info.height, part, advice)
     return {"frame_cut": round(frame_cut, 4), "edit_cut": round(edit_cut, 4)}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from loraedit.errors import InputError
 from loraedit.files import atomic_output
@@ -57,6 +57,9 @@ def _variable(times) -> bool:
 
 def _open(path: str | Path):
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; pass a video file (a folder of frames: make it a video first, "
+                         f"e.g. ffmpeg -framerate 16 -i {path}/%05d.png clip.mp4)")
     if not path.is_file():
         raise InputError(f"{path}: no such video file; check the path")
     try:
@@ -67,6 +70,29 @@ def _open(path: str | Path):
         container.close()
         raise InputError(f"{path}: has no video stream; pass a video file")
     return container
+
+
+def _stream(container):
+    """The clip's video stream: FFmpeg's best one (av_find_best_stream: skips cover art and stills
+    that some files carry as their first video stream), else the first."""
+    try:
+        best = container.streams.best("video")
+    except Exception:  # noqa: BLE001 - an older PyAV without it
+        best = None
+    return best if best is not None else container.streams.video[0]
+
+
+def _rgb(frame, size: tuple[int, int] | None) -> np.ndarray:
+    """A decoded frame as (H, W, 3) uint8 RGB at the stream's first size: a stream whose resolution
+    changes part-way (joined recordings, adaptive streams) is scaled back to it, as players do."""
+    if size is None or (frame.width, frame.height) == size:
+        return frame.to_ndarray(format="rgb24")
+    return frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+
+
+def _warn_size_change(path, i: int, frame, size) -> None:
+    logging.getLogger("loraedit").warning("%s: the picture size changes at frame %d (%dx%d → %dx%d); later frames are "
+                                          "scaled to the first size", path, i, size[0], size[1], frame.width, frame.height)
 
 
 def _rotation(stream, first_frame=None) -> int:
@@ -90,7 +116,7 @@ def _apply_rotation(img: np.ndarray, rotation: int) -> np.ndarray:
 def probe_video(path: str | Path) -> VideoInfo:
     """Size, frame rate and exact frame count (counted by demuxing, not trusted from the header)."""
     with _open(path) as container:
-        stream = container.streams.video[0]
+        stream = _stream(container)
         n = 0
         pts: list[float | None] = []
         try:
@@ -106,6 +132,12 @@ def probe_video(path: str | Path) -> VideoInfo:
             first = next(container.decode(stream))
         except (StopIteration, av.error.FFmpegError):
             pass
+        if first is None and n:  # a raw stream (.h264) cannot seek back: read its first frame afresh
+            try:
+                with av.open(str(path)) as again:
+                    first = next(again.decode(_stream(again)))
+            except (StopIteration, av.error.FFmpegError, OSError):
+                pass
         if first is None or n == 0:
             raise InputError(f"{path}: contains no decodable frames; check the file or re-encode it")
         rotation = _rotation(stream, first)
@@ -333,15 +365,19 @@ def read_video_frames(path: str | Path, indices: list[int]) -> np.ndarray:
     wanted = sorted(set(indices))
     found: dict[int, np.ndarray] = {}
     with _open(path) as container:
-        stream = container.streams.video[0]
-        rotation = None
+        stream = _stream(container)
+        rotation = size = None
+        warned = False
         i = -1
         try:
             for i, frame in enumerate(container.decode(stream)):
                 if rotation is None:
-                    rotation = _rotation(stream, frame)
+                    rotation, size = _rotation(stream, frame), (frame.width, frame.height)
+                elif (frame.width, frame.height) != size and not warned:
+                    _warn_size_change(path, i, frame, size)
+                    warned = True
                 if i in indices:
-                    found[i] = _apply_rotation(frame.to_ndarray(format="rgb24"), rotation)
+                    found[i] = _apply_rotation(_rgb(frame, size), rotation)
                 if i >= wanted[-1]:
                     break
         except av.error.FFmpegError:
@@ -357,17 +393,23 @@ def iter_video_frames(path: str | Path, first: int, last: int, max_width: int | 
     shrunk to at most `max_width` pixels wide (INTER_AREA) when given: a long run of frames
     without holding them all at full size."""
     with _open(path) as container:
-        stream = container.streams.video[0]
-        rotation = None
+        stream = _stream(container)
+        rotation = size = None
+        warned = False
         try:
             for i, frame in enumerate(container.decode(stream)):
                 if i > last:
                     break
+                if size is None:
+                    size = (frame.width, frame.height)
+                elif (frame.width, frame.height) != size and not warned:
+                    _warn_size_change(path, i, frame, size)
+                    warned = True
                 if i < first:
                     continue
                 if rotation is None:
                     rotation = _rotation(stream, frame)
-                img = _apply_rotation(frame.to_ndarray(format="rgb24"), rotation)
+                img = _apply_rotation(_rgb(frame, size), rotation)
                 if max_width and img.shape[1] > max_width:
                     h = max(1, round(img.shape[0] * max_width / img.shape[1]))
                     img = cv2.resize(img, (max_width, h), interpolation=cv2.INTER_AREA)
@@ -448,8 +490,15 @@ def read_image(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"{path}: no such image file; check the path")
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as opened:
+            opened.load()
+            # a phone photo is stored sideways with an EXIF orientation tag: turned as viewers show it
+            im = ImageOps.exif_transpose(opened) or opened
+            if im.mode == "F":  # floating-point TIFF: 0…1 (or 0…255) light levels, not 8-bit codes
+                arr = np.asarray(im, dtype=np.float64)
+                peak = 1.0 if np.nanmax(arr) <= 1.0 else 255.0
+                arr = np.clip(np.nan_to_num(arr) / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                return np.repeat(arr[..., None], 3, axis=2)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float64)
                 peak = 65535.0 if arr.max() > 255 else 255.0

@@ -220,3 +220,33 @@ def test_masks_default_size_follows_the_aspect(clip, tmp_path):
     info = read_json(out / "masks.json")
     assert (info["width"], info["height"]) == (768, 512)  # 3:2 kept, at about 832×480 pixels
     assert read_gray(out / "masks" / "0000.png").shape == (512, 768)
+
+
+def test_masks_with_the_toy_model_takes_its_own_17_frames_as_edit_does(clip, tmp_path):
+    """`masks --model <toy>` took the generic 49 frames, so `edit --masks` refused clips edit accepts."""
+    from loraedit.demo import TOY_MODEL
+
+    assert run(["masks", "--video", str(clip["video"]), "--first-frame", str(clip["first_frame"]), "--out",
+                str(tmp_path / "m"), "--model", str(TOY_MODEL), "--size", "96x64"]) == 0
+    assert read_json(tmp_path / "m" / "masks.json")["frames"] == 17
+    assert run(["masks", "--video", str(clip["video"]), "--first-frame", str(clip["first_frame"]), "--out",
+                str(tmp_path / "m9"), "--model", str(TOY_MODEL), "--size", "96x64", "--frames", "9"]) == 0
+    assert read_json(tmp_path / "m9" / "masks.json")["frames"] == 9  # a given count is kept
+
+
+def test_crop_advice_names_a_size_that_keeps_more_of_the_frame(caplog):
+    """A 3:4 clip at 112x144 (the nearest multiples of 16) loses 3%; the advice named 112x144 again."""
+    from loraedit.prepare import warn_about_crop
+    from loraedit.video import VideoInfo
+
+    def edge_edit(h, w):  # an edit along every edge, so any crop cuts some of it
+        source, edited = np.zeros((h, w, 3), np.uint8), np.zeros((h, w, 3), np.uint8)
+        edited[:4], edited[-4:], edited[:, :4], edited[:, -4:] = 255, 255, 255, 255
+        return source, edited
+
+    with caplog.at_level(logging.WARNING):
+        warn_about_crop(VideoInfo("v.mp4", 96, 128, 16.0, 17, 0, False), (112, 144), False, *edge_edit(128, 96), "v.mp4")
+        warn_about_crop(VideoInfo("w.mp4", 127, 93, 16.0, 17, 0, False), (128, 96), False, *edge_edit(93, 127), "w.mp4")
+    lines = [r.getMessage() for r in caplog.records]
+    assert "cuts away 3% of the 96x128 frame" in lines[0] and lines[0].endswith("--size 96x128 keeps the whole frame"), lines
+    assert "no size in multiples of 16 has this clip's aspect" in lines[1], lines

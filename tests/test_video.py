@@ -15,7 +15,7 @@ from PIL import Image
 
 from loraedit.errors import InputError
 from loraedit.samples import bunny_path
-from loraedit.video import (fit_edited, fit_to_size, frame_indices, probe_video, read_gray, read_image, read_video_frames,
+from loraedit.video import (fit_edited, fit_to_size, frame_indices, iter_video_frames, probe_video, read_gray, read_image, read_video_frames,
                             write_video)
 
 
@@ -234,3 +234,78 @@ def test_edited_frame_of_another_size(caplog):
     assert out.shape == (480, 832, 3) and "e.png: is 416x240, the video 832x480; resizing" in caplog.text
     with pytest.raises(InputError, match="e.png: is 480x480, a different aspect ratio"):
         fit_edited(np.zeros((480, 480, 3), np.uint8), 832, 480, 832, 480, "e.png")
+
+
+# ------------------------------------------------------------------ odd files that real footage comes in
+
+
+def _h264(path, frames, fmt=None, rate=16):
+    with av.open(str(path), "w", format=fmt) as out:
+        s = out.add_stream("libx264", rate=rate)
+        s.pix_fmt, s.height, s.width = "yuv420p", frames.shape[1], frames.shape[2]
+        for f in frames:
+            out.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(s.encode())
+
+
+def _numbered(n, h=64, w=96):
+    """Frames whose brightness tells their number (i * 9)."""
+    return np.stack([np.full((h, w, 3), 9 * i, np.uint8) for i in range(n)])
+
+
+def test_a_raw_h264_stream_that_cannot_seek_back_is_read(tmp_path):
+    _h264(tmp_path / "raw.h264", _numbered(20), fmt="h264")
+    info = probe_video(tmp_path / "raw.h264")  # was: "contains no decodable frames" (seeking back failed)
+    assert (info.width, info.height, info.n_frames) == (96, 64, 20)
+    got = read_video_frames(tmp_path / "raw.h264", [0, 10, 19])
+    assert [round(float(f.mean()) / 9) for f in got] == [0, 10, 19]
+
+
+def test_a_resolution_change_part_way_is_scaled_to_the_first_size(tmp_path, caplog):
+    """Joined recordings (two .ts files, one 96x64 and one 128x80) crashed on np.stack."""
+    _h264(tmp_path / "a.ts", _numbered(10), fmt="mpegts")
+    _h264(tmp_path / "b.ts", _numbered(10, 80, 128)[::-1], fmt="mpegts")
+    (tmp_path / "joined.ts").write_bytes((tmp_path / "a.ts").read_bytes() + (tmp_path / "b.ts").read_bytes())
+    info = probe_video(tmp_path / "joined.ts")
+    assert (info.width, info.height) == (96, 64) and info.n_frames == 20
+    with caplog.at_level("WARNING"):
+        got = read_video_frames(tmp_path / "joined.ts", list(range(20)))
+        streamed = [f for _, f in iter_video_frames(tmp_path / "joined.ts", 0, 19)]
+    assert got.shape == (20, 64, 96, 3) and all(f.shape == (64, 96, 3) for f in streamed)
+    assert round(float(got[12].mean()) / 9) == 7  # the second part's frame 2 (of 9…0), scaled
+    assert any("the picture size changes at frame 10 (96x64 → 128x80)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_still_as_the_first_video_stream_is_passed_over(tmp_path):
+    """Some files carry a still (cover art, a thumbnail) as video stream 0; the clip is the other."""
+    with av.open(str(tmp_path / "two.mkv"), "w") as out:
+        still = out.add_stream("mjpeg", rate=1)
+        still.pix_fmt, still.height, still.width = "yuvj420p", 64, 96
+        clip = out.add_stream("libx264", rate=16)
+        clip.pix_fmt, clip.height, clip.width = "yuv420p", 64, 96
+        out.mux(still.encode(av.VideoFrame.from_ndarray(np.full((64, 96, 3), 200, np.uint8), format="rgb24")))
+        out.mux(still.encode())
+        for f in _numbered(24):
+            out.mux(clip.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(clip.encode())
+    info = probe_video(tmp_path / "two.mkv")
+    assert info.n_frames == 24  # was: 1, "use a longer clip"
+    assert round(float(read_video_frames(tmp_path / "two.mkv", [5])[0].mean()) / 9) == 5
+
+
+def test_a_folder_as_the_video_says_so(tmp_path):
+    with pytest.raises(InputError, match="is a folder; pass a video file"):
+        probe_video(tmp_path)
+
+
+def test_exif_orientation_and_float_tiff_are_read_as_viewers_show_them(tmp_path):
+    upright = np.zeros((40, 60, 3), np.uint8)
+    upright[:10, :] = (255, 0, 0)  # a red band at the top
+    stored = np.ascontiguousarray(np.rot90(upright, 1))  # a phone stores it sideways (60x40) ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... and says "turn it 90° clockwise to view it"
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    img = read_image(tmp_path / "phone.jpg")
+    assert img.shape == (40, 60, 3) and img[:8, :, 0].mean() > 200 and img[20:, :, 0].mean() < 40
+    Image.fromarray(np.full((8, 12), 0.5, np.float32), mode="F").save(tmp_path / "half.tiff")
+    assert abs(int(read_image(tmp_path / "half.tiff")[0, 0, 0]) - 128) <= 1  # was black
