@@ -308,6 +308,8 @@ def _check_training(run_dir: Path, old: dict, new: dict, staging: Path | None = 
     """InputError if the trained (or partly trained) LoRA's record differs from `new`."""
     new = {k: v for k, v in new.items() if k != runstate.ENCODING}
     old = {k: old.get(k) for k in new}
+    if isinstance(old.get("inputs"), dict) and isinstance(new.get("inputs"), dict) and "model" in new["inputs"]:
+        new["inputs"] = dict(new["inputs"], model=runstate.model_as_recorded(new["inputs"]["model"], old["inputs"].get("model")))
     if isinstance(old.get("settings"), dict) and isinstance(new.get("settings"), dict):
         # a setting a record no longer holds (it was found not to change the LoRA) does not count; one it does
         # not hold yet (added since, e.g. --colour-copies) trained at its default, the behaviour before it existed
@@ -385,8 +387,11 @@ def _render_plan(run_dir: Path, s: RenderSettings) -> tuple[dict, dict, object, 
     trained = TrainSettings.from_values(dict(recorded_settings(run_dir, TrainSettings), model=s.model))
     if train_rec is not None:
         have = runstate.model_identity(s.model)
-        if train_rec["inputs"].get("model") != have:
+        if train_rec["inputs"].get("model") != runstate.model_as_recorded(have, train_rec["inputs"].get("model")):
             was = recorded_settings(run_dir, TrainSettings).get("model")
+            if was and Path(was).resolve() == Path(s.model).resolve():
+                raise InputError(f"--model {s.model}: its weights or configs have changed since the run's LoRA was trained "
+                                 "on it; put the model back as it was, or train a new run on it")
             raise InputError(f"--model {s.model}: the run's LoRA was trained on another model ({was}); "
                              "render with that model, or train a new run on this one")
     if s.first_frame:
@@ -404,6 +409,11 @@ def _render_plan(run_dir: Path, s: RenderSettings) -> tuple[dict, dict, object, 
     record.update(first_frame=hashes["first_frame"], encoding=_encoding_key(hashes, es),
                   lora=lora_digest(run_dir), model=runstate.model_identity(s.model), prompt=es.texts[1])
     return prepared, hashes, es, record
+
+
+def _same_render(done: dict, record: dict) -> bool:
+    """Whether a render's settings.json is this render (its model compared on what it recorded)."""
+    return done == dict(record, model=runstate.model_as_recorded(record.get("model"), done.get("model")))
 
 
 def _warn_beyond_region(prepared: dict, first, path: str) -> None:
@@ -433,12 +443,12 @@ def render(run_dir: str | Path, s: RenderSettings, name: str | None = None, prog
         prepared, hashes, es, record = _render_plan(run_dir, s)
         if name is None:  # a render with exactly these inputs is reused, as `edit` does, not made again
             for done in sorted(run_dir.glob("*/settings.json")):
-                if read_json(done) == record:
+                if _same_render(read_json(done), record):
                     log.info("already rendered with these settings: %s", done.parent / "edited.mp4")
                     return done.parent
         out_dir = stage.output_dir(run_dir, name)
         if (out_dir / "settings.json").is_file():
-            if read_json(out_dir / "settings.json") == record:
+            if _same_render(read_json(out_dir / "settings.json"), record):
                 log.info("already rendered with these settings: %s", out_dir / "edited.mp4")
                 return out_dir
             raise InputError(f"{out_dir}: holds a render with other settings; choose another --name (renders are never overwritten)")

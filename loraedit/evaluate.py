@@ -282,20 +282,43 @@ def load_video(path: Path, like: Path | None, source: str | None, first_frame: s
         raise InputError(f"{path}: a video needs what it was made from: --like RUN (a run folder) or --source VIDEO")
     if not Path(source).is_file():
         raise InputError(f"--source {source}: no such file")
+    from loraedit.video import probe_video
+
+    src_info, out_info = probe_video(source), probe_video(path)
+    _same_aspect(f"--source {source}", src_info.width, src_info.height, W, H, path)
     src = _read_video(Path(source))
+    if abs(src_info.fps - out_info.fps) > 0.01 * out_info.fps:
+        # frame i of the result is at i / its fps: the source frame nearest that instant (both from 0 s)
+        picks = [j for j in (int(round(i * src_info.fps / out_info.fps)) for i in range(F)) if j < len(src)]
+        log.info("--source %s: %.3g fps, the result %.3g fps; comparing the frames at the same times from 0 s",
+                 source, src_info.fps, out_info.fps)
+        src = src[picks]
+    if len(src) != F:
+        log.warning("%s: has %d frames, --source %s %d at its rate; scoring the first %d", path, F, source, len(src),
+                    min(F, len(src)))
     n = min(F, len(src))
     src = np.stack([fit_to_size(f, W, H) for f in src[:n]])
     first = None
     if first_frame:
         if not Path(first_frame).is_file():
             raise InputError(f"--first-frame {first_frame}: no such file")
-        first = fit_to_size(read_image(first_frame), W, H)
+        img = read_image(first_frame)
+        _same_aspect(f"--first-frame {first_frame}", img.shape[1], img.shape[0], W, H, path)
+        first = fit_to_size(img, W, H)
     region = None
     if mask:
         if not Path(mask).exists():
             raise InputError(f"--mask {mask}: no such file or folder")
         region = np.stack([fit_to_size(m, W, H, nearest=True) > 127 for m in _read_mask_frames(Path(mask), list(range(n)), n)])
     return Scored(str(path), out[:n], src, first, region)
+
+
+def _same_aspect(what: str, w: int, h: int, W: int, H: int, path: Path) -> None:
+    """A comparison input must show the result's picture: its aspect within 5% (a 16:9 source edited
+    at 832x480 is 2.5% off; cropping to the result's aspect then cuts little)."""
+    if abs((w / h) / (W / H) - 1) > 0.05:
+        raise InputError(f"{what}: is {w}x{h}, another aspect ratio than the result's {W}x{H} ({path}); "
+                         "pass the file the result was made from")
 
 
 def load_run_inputs(run_dir: Path) -> Scored:

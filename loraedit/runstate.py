@@ -72,15 +72,45 @@ def prepared_hashes(prepared: dict) -> dict:
     }
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf")
+
+
+def weights_fingerprint(path: Path, samples: int = 16) -> str:
+    """sha256 of a weight file's size, its first MiB (a safetensors header names every tensor with its
+    shape and dtype) and `samples` 64-KiB pieces spread over the rest: another checkpoint of the same
+    architecture (a fine-tune saved over the original, same size) differs in all of them, and a copy
+    of the folder elsewhere does not. Reads about 2 MiB of a file of many GB."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        for k in range(1, samples + 1):
+            f.seek(size * k // (samples + 1))
+            h.update(f.read(1 << 16))
+    return h.hexdigest()
+
+
 def model_identity(model: str) -> dict:
-    """What identifies a model folder without reading tens of GB: its configs' hashes and its weight
-    files' names and sizes (a hub id stands for itself)."""
+    """What identifies a model folder without reading tens of GB: its configs' hashes, its transformer
+    files' names and sizes, and a fingerprint of every weight file (transformer, VAE, encoders); a
+    hub id stands for itself."""
     p = Path(model)
     if not p.is_dir():
         return {"id": model}
     configs = {str(c.relative_to(p)): sha256_file(c) for c in sorted(p.glob("*/*.json")) + [p / "model_index.json"] if c.is_file()}
-    weights = {str(w.relative_to(p)): w.stat().st_size for w in sorted(p.glob("transformer*/*.safetensors"))}
-    return {"configs": sha256_json(configs), "transformer_weights": sha256_json(weights)}
+    sizes = {str(w.relative_to(p)): w.stat().st_size for w in sorted(p.glob("transformer*/*.safetensors"))}
+    weights = {str(w.relative_to(p)): weights_fingerprint(w) for w in sorted(p.glob("*/*"))
+               if w.suffix in WEIGHT_SUFFIXES and w.is_file()}
+    return {"configs": sha256_json(configs), "transformer_weights": sha256_json(sizes), "weights": sha256_json(weights)}
+
+
+def model_as_recorded(now, recorded):
+    """`now` (a model_identity) with only the parts that `recorded` holds: a run recorded before the
+    weights were fingerprinted is compared on what it recorded (configs, transformer sizes), so an
+    upgrade does not call every earlier run stale."""
+    if isinstance(now, dict) and isinstance(recorded, dict) and "configs" in recorded:
+        return {k: now[k] for k in recorded if k in now}
+    return now
 
 
 def file_hashes(paths: dict[str, str | None]) -> dict[str, str]:
@@ -123,7 +153,7 @@ def describe_changes(old: dict, new: dict) -> str:
         shown = f"{_shown(a)} → {_shown(b)}" if len(repr(a)) + len(repr(b)) < 60 else "changed"
         parts.append(f"--{key.replace('_', '-')} {shown}")
     names = {"frames": "the source frames", "region": "the edit region", "first_frame": "the edited first frame",
-             "refs": "the reference images", "geometry": "the frame selection, size or mode", "model": "the model",
+             "refs": "the reference images", "geometry": "the frame selection, size or mode", "model": "the model (its configs or weights)",
              "video": "the video's contents", "mask": "the mask file's contents", "masks": "the masks folder's contents"}
     seen = []
     for k in differences(old.get("inputs", {}), new.get("inputs", {})):

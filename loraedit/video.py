@@ -82,6 +82,15 @@ def _stream(container):
     return best if best is not None else container.streams.video[0]
 
 
+def _display_size(stream, frame) -> tuple[int, int]:
+    """The size a player shows a frame at: anamorphic video (DV, HDV, some phone and broadcast files)
+    stores pixels that are not square, and its sample aspect ratio widens or narrows them."""
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    if sar and sar > 0 and sar != 1:
+        return max(2, int(round(frame.width * sar))), frame.height
+    return frame.width, frame.height
+
+
 def _rgb(frame, size: tuple[int, int] | None) -> np.ndarray:
     """A decoded frame as (H, W, 3) uint8 RGB at the stream's first size: a stream whose resolution
     changes part-way (joined recordings, adaptive streams) is scaled back to it, as players do."""
@@ -140,8 +149,14 @@ def probe_video(path: str | Path) -> VideoInfo:
                 pass
         if first is None or n == 0:
             raise InputError(f"{path}: contains no decodable frames; check the file or re-encode it")
+        if first.time is not None and pts and None not in pts:
+            # a clip cut without re-encoding (`-c copy`) may begin with frames that refer to pictures
+            # before the cut: the decoder drops them, so they are not frames of the clip (counting them
+            # would shift every frame number and time after them)
+            pts = [t for t in pts if t >= first.time - 1e-6]
+            n = len(pts)
         rotation = _rotation(stream, first)
-        w, h = first.width, first.height
+        w, h = _display_size(stream, first)
         if rotation in (90, 270):
             w, h = h, w
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
@@ -366,15 +381,15 @@ def read_video_frames(path: str | Path, indices: list[int]) -> np.ndarray:
     found: dict[int, np.ndarray] = {}
     with _open(path) as container:
         stream = _stream(container)
-        rotation = size = None
+        rotation = size = stored = None
         warned = False
         i = -1
         try:
             for i, frame in enumerate(container.decode(stream)):
                 if rotation is None:
-                    rotation, size = _rotation(stream, frame), (frame.width, frame.height)
-                elif (frame.width, frame.height) != size and not warned:
-                    _warn_size_change(path, i, frame, size)
+                    rotation, size, stored = _rotation(stream, frame), _display_size(stream, frame), (frame.width, frame.height)
+                elif (frame.width, frame.height) != stored and not warned:
+                    _warn_size_change(path, i, frame, stored)
                     warned = True
                 if i in indices:
                     found[i] = _apply_rotation(_rgb(frame, size), rotation)
@@ -394,16 +409,16 @@ def iter_video_frames(path: str | Path, first: int, last: int, max_width: int | 
     without holding them all at full size."""
     with _open(path) as container:
         stream = _stream(container)
-        rotation = size = None
+        rotation = size = stored = None
         warned = False
         try:
             for i, frame in enumerate(container.decode(stream)):
                 if i > last:
                     break
                 if size is None:
-                    size = (frame.width, frame.height)
-                elif (frame.width, frame.height) != size and not warned:
-                    _warn_size_change(path, i, frame, size)
+                    size, stored = _display_size(stream, frame), (frame.width, frame.height)
+                elif (frame.width, frame.height) != stored and not warned:
+                    _warn_size_change(path, i, frame, stored)
                     warned = True
                 if i < first:
                     continue

@@ -209,3 +209,26 @@ steps = [0, 30]
         assert np.sign(e) == np.sign(d), (ours_key, truth["naive"][truth_key], truth["no LoRA"][truth_key],
                                           ours["naive"][ours_key], ours["no LoRA"][ours_key])
     assert decided >= 1, truth
+
+
+def test_eval_source_at_another_frame_rate_or_aspect(world_clip, tmp_path, capsys):
+    """Frame i of a 16-fps result was compared with frame i of a 48-fps source (an exact copy scored
+    17 dB); a source or first frame of another aspect was scored as if it fitted."""
+    import cv2
+
+    c = world_clip
+    fast = np.repeat(c.source, 3, axis=0)  # the same clip at 3× the frame rate
+    write_video(tmp_path / "src48.mkv", fast, c.fps * 3, lossless=True)
+    write_video(tmp_path / "result.mkv", c.source, c.fps, lossless=True)
+    table = tmp_path / "t.md"
+    assert main(["eval", str(tmp_path / "result.mkv"), "--source", str(tmp_path / "src48.mkv"), "--table", str(table), "-q"]) == 0
+    assert "| 99.00 |" in table.read_text()  # the same pictures at the same times
+    wide = np.stack([cv2.resize(f, (f.shape[1] * 4, f.shape[0])) for f in c.source])
+    write_video(tmp_path / "wide.mkv", wide, c.fps, lossless=True)
+    write_png(tmp_path / "wide.png", wide[0])
+    capsys.readouterr()
+    for argv in (["--source", str(tmp_path / "wide.mkv")],
+                 ["--source", str(tmp_path / "src48.mkv"), "--first-frame", str(tmp_path / "wide.png")]):
+        assert main(["eval", str(tmp_path / "result.mkv"), *argv, "-q"]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and "another aspect ratio than the result's" in err[0], err

@@ -307,3 +307,43 @@ def test_a_record_from_before_a_setting_existed_counts_as_its_default(base_run, 
     capsys.readouterr()
     assert main(_argv(tiny_model, clip, run, "--colour-copies", "1")) == 2
     assert "--colour-copies 0 → 1" in capsys.readouterr().err
+
+
+def test_weights_replaced_in_place_at_the_same_size_are_noticed(base_run, tiny_model, clip, tmp_path, capsys):
+    """Another checkpoint of the same architecture saved over the model's files (same names, same
+    sizes): the LoRA and render were reused. VAE and encoder files did not count at all."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    run = tmp_path / "run"
+    assert main(_argv(model, clip, run)) == 0
+    lora = (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    capsys.readouterr()
+    for part in ("vae", "transformer"):
+        w = next((model / part).glob("*.safetensors"))
+        data = bytearray(w.read_bytes())
+        data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # other weights, same header, same size
+        w.write_bytes(bytes(data))
+        assert main(_argv(model, clip, run)) == 2, part
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and "the model (its configs or weights)" in err[0], err
+        assert main(["render", "--out", str(run), "--seed", "3", "-q"]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and "its weights or configs have changed since the run's LoRA was trained" in err[0], err
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == lora  # nothing replaced
+    # a folder copied elsewhere keeps its identity: a run trained on one renders with the other
+    shutil.copytree(model, tmp_path / "moved")
+    assert main(_argv(model, clip, tmp_path / "r2")) == 0
+    assert main(["render", "--out", str(tmp_path / "r2"), "--model", str(tmp_path / "moved"), "--seed", "3", "-q"]) == 0
+
+
+def test_a_run_recorded_before_weights_were_fingerprinted_is_not_called_stale(base_run, tiny_model, clip, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    for rec in [run / "train" / "record.json", *run.glob("render*/settings.json")]:
+        data = json.loads(rec.read_text())
+        model = data["inputs"]["model"] if "inputs" in data else data["model"]
+        model.pop("weights")  # as written before this change
+        rec.write_text(json.dumps(data))
+    before = _snapshot(run)
+    assert main(_argv(tiny_model, clip, run)) == 0
+    assert _snapshot(run) == before and "already rendered" in caplog.text

@@ -309,3 +309,43 @@ def test_exif_orientation_and_float_tiff_are_read_as_viewers_show_them(tmp_path)
     assert img.shape == (40, 60, 3) and img[:8, :, 0].mean() > 200 and img[20:, :, 0].mean() < 40
     Image.fromarray(np.full((8, 12), 0.5, np.float32), mode="F").save(tmp_path / "half.tiff")
     assert abs(int(read_image(tmp_path / "half.tiff")[0, 0, 0]) - 128) <= 1  # was black
+
+
+def test_a_clip_cut_without_re_encoding_counts_only_frames_it_can_show(tmp_path):
+    """`ffmpeg -ss … -c copy` keeps packets before the first keyframe that no decoder can show: they
+    were counted, so every frame number and time after them was off (--start 2s took a frame 0.44 s
+    later) and --frames auto offered frames that were not there."""
+    full, cut = tmp_path / "full.mkv", tmp_path / "cut.mkv"
+    with av.open(str(full), "w") as out:
+        s = out.add_stream("libx264", rate=16, options={"g": "8", "bf": "0", "keyint_min": "8", "sc_threshold": "0"})
+        s.pix_fmt, s.height, s.width = "yuv420p", 64, 96
+        for f in _numbered(28):
+            out.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(s.encode())
+    with av.open(str(full)) as inp, av.open(str(cut), "w") as out:
+        src = inp.streams.video[0]
+        dst = out.add_stream_from_template(src)
+        for k, packet in enumerate(p for p in inp.demux(src) if p.size):
+            if k >= 3:  # cut after frame 3: frames 3-7 refer back to the keyframe at 0
+                packet.stream = dst
+                out.mux(packet)
+    info = probe_video(cut)
+    decoded = read_video_frames(cut, list(range(info.n_frames)))
+    assert info.n_frames == len(decoded) == 20 and len(info.times) == 20 and info.times[0] == 0
+    assert round(float(decoded[0].mean()) / 9) == 8  # the clip begins at its first keyframe, frame 8 of the original
+
+
+def test_anamorphic_video_is_read_at_the_size_players_show(tmp_path):
+    """Pixels 4/3 as wide as tall (a 96x128 picture shown at 128x128) were taken at the stored size,
+    so a frame grabbed from a player was refused and the result came out squeezed."""
+    with av.open(str(tmp_path / "ana.mp4"), "w") as out:
+        s = out.add_stream("libx264", rate=16)
+        s.pix_fmt, s.height, s.width = "yuv420p", 128, 96
+        s.codec_context.sample_aspect_ratio = Fraction(4, 3)
+        for f in _numbered(8, 128, 96):
+            out.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(s.encode())
+    info = probe_video(tmp_path / "ana.mp4")
+    assert (info.width, info.height) == (128, 128)
+    assert read_video_frames(tmp_path / "ana.mp4", [0, 7]).shape == (2, 128, 128, 3)
+    assert next(iter_video_frames(tmp_path / "ana.mp4", 0, 0))[1].shape == (128, 128, 3)
