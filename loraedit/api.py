@@ -379,7 +379,7 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
 
 def _render_plan(run_dir: Path, s: RenderSettings) -> tuple[dict, dict, object, dict]:
     """(prepared, hashes, encode settings, the render's record) for rendering `s` now."""
-    from loraedit.video import fit_edited, read_image
+    from loraedit.video import fit_edited, read_edited
 
     prepared = _prepared(run_dir)
     train_rec_file = run_dir / "train" / "record.json"
@@ -397,7 +397,7 @@ def _render_plan(run_dir: Path, s: RenderSettings) -> tuple[dict, dict, object, 
     if s.first_frame:
         # another edited first frame: same frames and regions, new condition and image embedding
         plan = prepared["plan"]
-        new_first = fit_edited(read_image(s.first_frame), plan["width"], plan["height"],
+        new_first = fit_edited(read_edited(s.first_frame, prepared["source"][0]), plan["width"], plan["height"],
                                plan["source_width"], plan["source_height"], s.first_frame)
         _warn_beyond_region(prepared, new_first, s.first_frame)
         prepared["first"] = new_first

@@ -26,7 +26,7 @@ import numpy as np
 from loraedit import masks, prepare, settings, shots
 from loraedit.errors import InputError
 from loraedit.files import sha256_path, write_json
-from loraedit.video import fit_edited, fit_to_size, probe_video, read_image, read_video_frames, write_png, write_video
+from loraedit.video import fit_edited, fit_to_size, probe_video, read_edited, read_video_frames, write_png, write_video
 
 log = logging.getLogger("loraedit")
 
@@ -107,7 +107,7 @@ def run_masks(args) -> int:
     choice, (width, height) = prepare.select(info, footage, prepare.model_frame_rate(model), prepare.model_pixel_budget(model), model)
     indices = choice.indices
     raw = read_video_frames(args.video, indices)
-    edited = read_image(args.first_frame) if args.first_frame else None
+    edited = read_edited(args.first_frame, raw[0]) if args.first_frame else None
     # the same warning as edit's for the same clip and size: a crop that cuts the frame or the edit
     prepare.warn_about_crop(info, (width, height), footage.size is not None, raw[0],
                             None if edited is None else prepare.at_source_size(edited, info), args.first_frame or args.video)

@@ -31,7 +31,7 @@ from loraedit.errors import InputError
 from loraedit.files import read_json, write_json
 from loraedit.settings import PrepareSettings, add_arguments
 from loraedit.video import (MODEL_FPS, PIXEL_BUDGET_480P, FrameChoice, Start, VideoInfo, aspect_size, choose_frames, crop_fraction, crop_window,
-                            default_size, fit_edited, fit_to_size, parse_size, parse_start, probe_video, read_image, write_png)
+                            default_size, fit_edited, fit_to_size, parse_size, parse_start, probe_video, read_edited, read_image, write_png)
 
 log = logging.getLogger("loraedit")
 
@@ -318,7 +318,7 @@ def run(args: PrepareSettings, run_dir: Path) -> dict:
         masks.check_saved_masks_video(opts.masks, args.video)  # before the frames are read
     raw, cuts = shots.read_frames_and_cuts(args.video, indices, info)
     shots.check_no_cuts(args.video, info, indices, choice.fps, footage.allow_cuts, cuts)
-    edited = read_image(args.first_frame)
+    edited = read_edited(args.first_frame, raw[0])
     crop = warn_about_crop(info, (width, height), footage.size is not None, raw[0], at_source_size(edited, info), args.first_frame)
     frames = np.stack([fit_to_size(f, width, height) for f in raw])
     del raw
@@ -353,7 +353,7 @@ def run(args: PrepareSettings, run_dir: Path) -> dict:
         stale.unlink()  # a rerun with fewer frames
     write_png(out / "first_frame.png", first)
     for k, path in refs.items():
-        write_png(out / "refs" / f"{k:03d}.png", fit_edited(read_image(path), width, height, info.width, info.height, path))
+        write_png(out / "refs" / f"{k:03d}.png", fit_edited(read_edited(path, frames[k]), width, height, info.width, info.height, path))
     plan = {
         "frames": len(indices), "width": width, "height": height, "indices": indices, "source_frames": info.n_frames,
         "source_width": info.width, "source_height": info.height, "source_fps": info.fps, "fps": choice.fps,

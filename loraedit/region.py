@@ -101,7 +101,14 @@ def find_edit_region(source0: np.ndarray, edited0: np.ndarray, threshold: float 
     k = max(3, round(min(H, W) / 100) | 1)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _ellipse(k))
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _ellipse(3 * k))
-    mask = drop_small(_fill_holes(mask), min_area, relative)
+    filled = _fill_holes(mask)
+    mask = drop_small(filled, min_area, relative)
+    if not mask.any() and filled.any():
+        n, _, stats, _ = cv2.connectedComponentsWithStats(filled.astype(np.uint8), connectivity=8)
+        largest = float(stats[1:, cv2.CC_STAT_AREA].max()) / (H * W)
+        raise InputError(f"{where}: the edit is smaller than --min-region {min_area:g} (its largest part covers "
+                         f"{largest:.2%} of the frame); lower --min-region (e.g. {max(largest / 2, 1e-5):.2g}), or give the "
+                         "region with --box x0,y0,x1,y1")
     if not mask.any():
         raise InputError(f"{where}: no edit found — the edited first frame matches the source's first frame "
                          f"(largest colour difference ΔE {de.max():.1f}, threshold {threshold:.1f}); "

@@ -544,6 +544,26 @@ def fit_edited(img: np.ndarray, width: int, height: int, src_w: int, src_h: int,
     return fit_to_size(img, width, height)
 
 
+def read_edited(path: str | Path, source_frame: np.ndarray) -> np.ndarray:
+    """An edited frame → (H, W, 3) uint8 RGB. Where it is transparent (an edit exported as a layer,
+    a PNG with the background erased) it shows `source_frame`, the video frame it edits, at the
+    image's size: transparent pixels mean "unchanged", not black."""
+    rgb = read_image(path)
+    alpha = None
+    with Image.open(path) as im:
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            alpha = np.asarray(ImageOps.exif_transpose(im.convert("RGBA")) or im.convert("RGBA"))[..., 3]
+    if alpha is None or alpha.min() == 255 or alpha.shape != rgb.shape[:2]:
+        return rgb
+    h, w = rgb.shape[:2]
+    under = fit_to_size(source_frame, w, h).astype(np.float32)
+    a = alpha.astype(np.float32)[..., None] / 255.0
+    logging.getLogger("loraedit").info("%s: %.0f%% of it is transparent; the video's frame shows there", path,
+                                       100 * float((alpha < 128).mean()))
+    # read_image composited the image onto black: rgb = colour × alpha
+    return np.clip(rgb.astype(np.float32) + under * (1 - a) + 0.5, 0, 255).astype(np.uint8)
+
+
 def read_gray(path: str | Path) -> np.ndarray:
     """An image as (H, W) uint8 luminance (for masks)."""
     rgb = read_image(path)

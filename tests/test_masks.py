@@ -382,3 +382,19 @@ def test_sam2_without_a_checkpoint_is_a_clear_error(square, monkeypatch, tmp_pat
         regions(video, edited, segmenter="sam2")
     with pytest.raises(InputError, match="no such SAM2 checkpoint"):
         regions(video, edited, segmenter="sam2", sam2_checkpoint=str(tmp_path / "missing.pt"))
+
+
+def test_an_edit_smaller_than_min_region_is_named_as_such_not_as_no_edit():
+    """A small edit (a 5x5 spot on 128x128, 0.15%) was reported as 'matches the source's first frame'."""
+    from loraedit.errors import InputError
+    from loraedit.region import find_edit_region
+
+    rng = np.random.default_rng(0)
+    src = (rng.random((128, 128, 3)) * 40 + 100).astype(np.uint8)
+    edited = src.copy()
+    edited[60:65, 60:65] = (250, 20, 20)
+    with pytest.raises(InputError, match=r"the edit is smaller than --min-region 0.002 \(its largest part covers 0\.1\d%"):
+        find_edit_region(src, edited, min_area=0.002)
+    assert find_edit_region(src, edited, min_area=0.0005).any()  # the advice works
+    with pytest.raises(InputError, match="no edit found"):
+        find_edit_region(src, src.copy())

@@ -53,3 +53,23 @@ def test_reference_index_must_lie_inside_the_clip(clip):
             PrepareSettings(ref=[f"{bad}={clip['ref']}"], frames=17)
     with pytest.raises(InputError, match="FRAME=PATH"):
         PrepareSettings(ref=[str(clip["ref"])], frames=17)
+
+
+def test_an_edit_exported_as_a_transparent_layer_shows_the_video_where_it_is_transparent(clip, tmp_path):
+    """Only the recoloured square is opaque (a layer exported alone): its transparent pixels were
+    filled with black, so the edit covered the whole frame and was trained naive."""
+    from PIL import Image
+
+    edited = read_image(clip["first_frame"])
+    layer = np.zeros((64, 96, 4), np.uint8)
+    layer[20:40, 10:26, :3] = edited[20:40, 10:26]
+    layer[20:40, 10:26, 3] = 255
+    Image.fromarray(layer, "RGBA").save(tmp_path / "layer.png")
+    plan = prepare.run(_args(clip, tmp_path / "run", first_frame=str(tmp_path / "layer.png"), mask=None, mode="auto",
+                             mask_style="tight"), tmp_path / "run")
+    loaded = prepare.load(tmp_path / "run")
+    assert plan["mode"] == "mask-aware"
+    assert np.array_equal(loaded["first"][20:40, 10:26], edited[20:40, 10:26])
+    outside = np.ones((64, 96), bool)
+    outside[20:40, 10:26] = False
+    assert np.abs(loaded["first"][outside].astype(int) - loaded["source"][0][outside].astype(int)).max() <= 1
