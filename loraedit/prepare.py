@@ -313,6 +313,11 @@ def run(args: PrepareSettings, run_dir: Path) -> dict:
     if footage.frames is None:
         log.info("--frames auto: %d frames (%.2f s at %g fps) from %.2f s", len(indices), len(indices) / choice.fps, choice.fps, choice.start_time)
     refs = check_refs(args.ref, len(indices))
+    for k, path in refs.items():  # a reference that cannot be used is said now, not after the frames are read and tracked
+        h, w = read_image(path).shape[:2]
+        if (w, h) not in ((width, height), (info.width, info.height)) and abs(w / h - info.width / info.height) > 0.02 * info.width / info.height:
+            raise InputError(f"--ref {k}={path}: is {w}x{h}, a different aspect ratio from the video's {info.width}x{info.height}; "
+                             "crop or pad it to the video's aspect")
     opts = args.mask_options()
     if opts.masks:
         masks.check_saved_masks_video(opts.masks, args.video)  # before the frames are read

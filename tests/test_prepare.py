@@ -73,3 +73,20 @@ def test_an_edit_exported_as_a_transparent_layer_shows_the_video_where_it_is_tra
     outside = np.ones((64, 96), bool)
     outside[20:40, 10:26] = False
     assert np.abs(loaded["first"][outside].astype(int) - loaded["source"][0][outside].astype(int)).max() <= 1
+
+
+def test_a_reference_that_cannot_be_used_is_refused_before_the_frames_are_tracked(clip, tmp_path, monkeypatch):
+    from loraedit import masks
+
+    def no_tracking(*a, **k):
+        raise AssertionError("the region was tracked before the reference was checked")
+
+    monkeypatch.setattr(masks, "edit_regions", no_tracking)
+    from loraedit.video import write_png
+
+    write_png(tmp_path / "square.png", np.zeros((50, 50, 3), np.uint8))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(InputError, match=r"--ref 8=.*square.png: is 50x50, a different aspect ratio"):
+        prepare.run(_args(clip, tmp_path, ref=[f"8={tmp_path / 'square.png'}"]), tmp_path / "a")
+    with pytest.raises(InputError, match="broken.png: cannot be read as an image"):
+        prepare.run(_args(clip, tmp_path, ref=[f"8={tmp_path / 'broken.png'}"]), tmp_path / "b")
