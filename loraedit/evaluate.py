@@ -130,6 +130,10 @@ def warp_error(video: np.ndarray, flows: list[tuple[np.ndarray, np.ndarray]]) ->
 
 
 def pixel_metrics(s: Scored) -> dict[str, float]:
+    if len(s.output) < 2:  # a single frame: nothing after frame 0 to compare, no motion to warp
+        nan = float("nan")
+        first = psnr(s.output[0], s.first) if s.first is not None else nan
+        return {"psnr_out": nan, "ssim_out": nan, "first_psnr": first, "warp_err": nan, "warp_err_source": nan}
     later = slice(1, len(s.output))
     keep = None if s.region is None else ~s.region
     flows = source_flows(s.source)

@@ -232,3 +232,12 @@ def test_eval_source_at_another_frame_rate_or_aspect(world_clip, tmp_path, capsy
         assert main(["eval", str(tmp_path / "result.mkv"), *argv, "-q"]) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 1 and "another aspect ratio than the result's" in err[0], err
+
+
+def test_eval_on_a_single_frame_is_quiet(world_clip):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "mean of empty slice" printed under the table
+        m = pixel_metrics(Scored("one", world_clip.source[:1], world_clip.source[:1], world_clip.source[0], None))
+    assert math.isnan(m["psnr_out"]) and m["first_psnr"] > 90
