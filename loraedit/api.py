@@ -43,6 +43,21 @@ def _has_trained_lora(run_dir: Path) -> bool:
     return (run_dir / LORA_FILE).is_file() or any((run_dir / "lora").glob("*/pytorch_lora_weights.safetensors"))
 
 
+def _training_unfinished(run_dir: Path) -> str | None:
+    """Why the run cannot be rendered yet (None: trained, or trained with 0 steps: the base model on
+    purpose): never trained, or interrupted (checkpoints and no finished LoRA)."""
+    rec = run_dir / "train" / "record.json"
+    if not rec.is_file():
+        return "is not trained yet"
+    interrupted = [c for c in (run_dir / "train").glob("**/checkpoints")
+                   if any(c.glob("step-*")) and not (c.parent / "done.json").is_file()]
+    if interrupted:
+        return "its training was interrupted and is not finished"
+    if not _has_trained_lora(run_dir) and (read_json(rec).get("settings", {}).get("steps") or 0) > 0:
+        return "its training was interrupted and is not finished"
+    return None
+
+
 # ---------------------------------------------------------------- the run's recorded settings (job.json)
 
 
@@ -358,16 +373,21 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
             _discard_training(run_dir, "--restart")
         elif old is not None:
             _check_training(run_dir, old, record)
+            if _has_trained_lora(run_dir) and _training_unfinished(run_dir) is None:
+                # the finished LoRA is reused: it was trained from the encodings named then, and the record says so
+                record[runstate.ENCODING] = old.get(runstate.ENCODING, record[runstate.ENCODING])
         elif old is None and leftovers:
             raise InputError(f"{run_dir}: holds a LoRA or checkpoints without a record of how they were trained; "
                              "use a new --out, or --restart to discard them and train again")
         write_json(rec_file, record)  # before the first step: a resume is checked against it
+        # before the first step too: `loraedit train --out RUN` after an interrupted edit resumes with these
+        # settings (also when reused: a render takes --edit-prompt from here)
+        _record_settings(run_dir, s)
         cache, key, seconds = _encode(run_dir, es, prepared, hashes, device)
         if seconds is not None:
             manifest.update(run_dir, "encode", {"seconds": seconds, "cache": f"cache/encoded-{key}.safetensors",
                                                 "texts": list(es.texts)}, es.__dict__)
         figures = stage.run(s, run_dir, cache, device, progress=progress)
-        _record_settings(run_dir, s)  # also when reused: a render takes --edit-prompt from here
         if figures.get("reused"):
             return figures
         manifest.update(run_dir, "train", figures, s.to_dict(), inputs=dict(record["inputs"], texts=record["texts"]))
@@ -439,6 +459,10 @@ def render(run_dir: str | Path, s: RenderSettings, name: str | None = None, prog
         from loraedit import render as stage
 
         _require_prepared(run_dir)
+        unfinished = _training_unfinished(run_dir)
+        if unfinished:  # a render now would be the base model's video in the folder that holds the result
+            raise InputError(f"{run_dir}: {unfinished}; run `loraedit train --out {run_dir}` (or the same `loraedit edit` "
+                             "again) to finish it, then render")
         s, device = _ready(run_dir, s)
         prepared, hashes, es, record = _render_plan(run_dir, s)
         if name is None:  # a render with exactly these inputs is reused, as `edit` does, not made again

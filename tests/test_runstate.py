@@ -347,3 +347,52 @@ def test_a_run_recorded_before_weights_were_fingerprinted_is_not_called_stale(ba
     before = _snapshot(run)
     assert main(_argv(tiny_model, clip, run)) == 0
     assert _snapshot(run) == before and "already rendered" in caplog.text
+
+
+def test_after_an_interrupted_edit_render_refuses_and_train_alone_finishes_it(tiny_model, clip, tmp_path, monkeypatch, capsys):
+    """render on a half-trained run wrote the base model's video into render/ (the result's place), and
+    `train --out RUN` fell back to default settings (job.json got the edit's only after training)."""
+    from loraedit import train
+
+    run = tmp_path / "run"
+    real_step = train.training_step
+    calls = {"n": 0}
+
+    def dying_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "training_step", dying_step)
+    assert main(edit_argv(tiny_model, clip, run, "--steps", "6", "--checkpoint-every", "2", "--render-steps", "1")) == 130
+    monkeypatch.setattr(train, "training_step", real_step)
+    capsys.readouterr()
+    assert main(["render", "--out", str(run), "-q"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "its training was interrupted and is not finished" in err[0], err
+    assert not list(run.glob("render*"))
+    assert main(["train", "--out", str(run), "-q"]) == 0  # the edit's settings (6 steps), resumed
+    assert '"resumed_from": 2' in (run / "train" / "done.json").read_text()
+    assert main(["render", "--out", str(run), "-q"]) == 0 and (run / "render" / "edited.mp4").is_file()
+    fresh = edit_argv(tiny_model, clip, tmp_path / "fresh")
+    assert main(["prepare", *fresh[1:fresh.index("--steps")]]) == 0
+    assert main(["render", "--out", str(tmp_path / "fresh"), "-q"]) == 2
+    assert "is not trained yet" in capsys.readouterr().err
+
+
+def test_a_reused_lora_keeps_the_record_of_the_encodings_it_was_trained_from(tiny_model, clip, tmp_path):
+    """Without references the first frame is not a training input: another one renders with the same
+    LoRA. The training record was rewritten to name the new encodings, made after the LoRA."""
+    run = tmp_path / "run"
+    argv = edit_argv(tiny_model, clip, run, "--steps", "1", "--render-steps", "1")
+    assert main(argv) == 0
+    before = json.loads((run / "train" / "record.json").read_text())
+    lora = (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    argv[argv.index("--first-frame") + 1] = str(_recoloured(clip["first_frame"], tmp_path, "other.png", (40, 220, 40)))
+    assert main(argv) == 0
+    after = json.loads((run / "train" / "record.json").read_text())
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == lora  # reused
+    renders = [json.loads(p.read_text()) for p in sorted(run.glob("render*/settings.json"))]
+    assert len(renders) == 2 and renders[0]["encoding"] != renders[1]["encoding"]  # the new first frame: new encodings
+    assert after["encoding"] == before["encoding"]
