@@ -428,11 +428,20 @@ def _render_plan(run_dir: Path, s: RenderSettings) -> tuple[dict, dict, object, 
     record = _no_model(s.result_dict())
     record.update(first_frame=hashes["first_frame"], encoding=_encoding_key(hashes, es),
                   lora=lora_digest(run_dir), model=runstate.model_identity(s.model), prompt=es.texts[1])
+    # what the video file gets beyond the frames: their rate, and the sound of the source it was prepared from
+    plan = prepared["plan"]
+    prep_rec = read_json(run_dir / "prepare" / "record.json") if (run_dir / "prepare" / "record.json").is_file() else {}
+    in_sync = plan.get("audio_in_sync", plan["indices"] == list(range(plan["frames"])))
+    record.update(fps=plan["fps"], sound=prep_rec.get("inputs", {}).get("video") if plan.get("has_audio") and in_sync else None)
     return prepared, hashes, es, record
+
+
+RENDER_KEYS_ADDED = ("fps", "sound")  # recorded since 2026-11-27: a render recorded before is compared without them
 
 
 def _same_render(done: dict, record: dict) -> bool:
     """Whether a render's settings.json is this render (its model compared on what it recorded)."""
+    record = {k: v for k, v in record.items() if k in done or k not in RENDER_KEYS_ADDED}
     return done == dict(record, model=runstate.model_as_recorded(record.get("model"), done.get("model")))
 
 

@@ -396,3 +396,26 @@ def test_a_reused_lora_keeps_the_record_of_the_encodings_it_was_trained_from(tin
     renders = [json.loads(p.read_text()) for p in sorted(run.glob("render*/settings.json"))]
     assert len(renders) == 2 and renders[0]["encoding"] != renders[1]["encoding"]  # the new first frame: new encodings
     assert after["encoding"] == before["encoding"]
+
+
+def test_the_same_frames_at_another_frame_rate_are_rendered_again_not_reused(tiny_model, clip, tmp_path):
+    """The frames, region and LoRA are the same, but edited.mp4 plays at the source's rate: it was reused at the old one."""
+    import av
+
+    from loraedit.video import read_video_frames, write_video
+
+    frames = read_video_frames(clip["video"], list(range(24)))
+    video = tmp_path / "clip.mkv"
+    write_video(video, frames, 12, lossless=True)
+    run = tmp_path / "run"
+    argv = edit_argv(tiny_model, dict(clip, video=video), run, "--steps", "1", "--render-steps", "1")
+    assert main(argv) == 0
+    lora = (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    write_video(video, frames, 8, lossless=True)  # the same pictures, slower
+    assert main(argv) == 0
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == lora
+    rates = []
+    for name in ("render", "render-2"):
+        with av.open(str(run / name / "edited.mp4")) as c:
+            rates.append(float(c.streams.video[0].average_rate))
+    assert rates == [12.0, 8.0]
