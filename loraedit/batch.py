@@ -289,8 +289,14 @@ def fingerprint(job: Job) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _file_name(name: str) -> str:
+    """A job's name as a file name in ROOT/.jobs: itself, or for a name that is no folder name (the job
+    fails for it) one that cannot reach outside the folder ('../x' would)."""
+    return name if NAME.match(name) else "invalid-name-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
 def _state_file(root: Path, name: str) -> Path:
-    return root / ".jobs" / f"{name}.json"
+    return root / ".jobs" / f"{_file_name(name)}.json"
 
 
 class _Tee(io.TextIOBase):
@@ -344,7 +350,7 @@ def run_job(job: Job, root: str, session: str, clip: str | None = None, on_start
     if on_start is not None:
         on_start()
     t0 = time.perf_counter()
-    log_file = root_dir / ".jobs" / f"{job.name}.log"
+    log_file = root_dir / ".jobs" / f"{_file_name(job.name)}.log"
     if job.error:
         return _finish(state, record, t0, "failed", job.error)
     from loraedit import cli, runstate
@@ -501,9 +507,9 @@ def index_html(root: Path, rows: list[dict], counts: dict) -> str:
         render_name = r.get("render", "render")
         render = root / r["run"] / render_name
         status = r["status"]
-        links = [f"<a href='{run}/'>run folder</a>"] if (root / r["run"]).is_dir() else []
-        if (root / ".jobs" / f"{r['run']}.log").is_file():
-            links.append(f"<a href='.jobs/{run}.log'>log</a>")
+        links = [f"<a href='{run}/'>run folder</a>"] if NAME.match(r["run"]) and (root / r["run"]).is_dir() else []
+        if (root / ".jobs" / f"{_file_name(r['run'])}.log").is_file():
+            links.append(f"<a href='.jobs/{quote(_file_name(r['run']))}.log'>log</a>")
         variant = ", ".join(f"{k}={_shown(v)}" for k, v in r["variant"].items())
         cells = [f"<td><b>{esc(r['name'])}</b><div class=small>{esc(variant)}</div>"
                  f"<div class=small>{' · '.join(links)}</div></td>",

@@ -121,6 +121,8 @@ def run_demo(args) -> int:
     # the flags the demo hands to `loraedit edit`, checked (one line, exit 2) before anything is written
     TrainSettings(steps=args.steps, ref_steps=args.ref_steps, colour_copies=args.colour_copies)
     RenderSettings(render_steps=args.render_steps)
+    if not 0 <= args.seed <= 10**9:
+        raise InputError(f"--seed {args.seed}: the world clip's number must lie between 0 and {10**9}")
     if args.threads < 0:
         raise InputError(f"--threads {args.threads}: must be at least 0 (0: torch's choice)")
     if args.threads:

@@ -420,9 +420,9 @@ def spec_for(model: str, size: str | None, frames: int | None) -> Spec:
     unit = spatial * config["patch_size"][1]
     if W % unit or H % unit or W <= 0 or H <= 0:
         raise InputError(f"--size {W}x{H}: width and height must be positive multiples of {unit} for this model")
-    frames = frames or default_frames
-    if frames < 1 or (frames - 1) % 4:
-        raise InputError(f"--frames {frames}: must be 4k+1 (e.g. 49)")
+    frames = default_frames if frames is None else frames
+    if frames < 1 or (frames - 1) % 4 or frames > 1001:
+        raise InputError(f"--frames {frames}: must be 4k+1 between 1 and 1001 (e.g. 49)")
     return Spec(name, config, ((frames - 1) // 4 + 1, H // spatial, W // spatial), frames, (W, H), experts)
 
 
@@ -513,7 +513,7 @@ def run_plan(args) -> int:
     from loraedit.errors import InputError
 
     spec = spec_for(args.model, args.size, args.frames)
-    if args.gpu_memory is not None and not args.gpu_memory > 0:
+    if args.gpu_memory is not None and not 0 < args.gpu_memory <= 4096:  # also nan and inf
         raise InputError(f"--gpu-memory {args.gpu_memory}: give the card's memory in GiB, e.g. 24")
     if args.rank < 1:
         raise InputError(f"--rank {args.rank}: must be at least 1")

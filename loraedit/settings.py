@@ -217,6 +217,9 @@ def above(low) -> Callable[[Any], str | None]:
     return lambda v: None if v > low else f"must be greater than {low}"
 
 
+MAX_SEED = 2**32 - 1  # as diffusers and ComfyUI seeds; torch takes 64 bits, less the offsets added per expert
+
+
 def between(low, high) -> Callable[[Any], str | None]:
     return lambda v: None if low <= v <= high else f"must lie between {low} and {high}"
 
@@ -480,7 +483,7 @@ class TrainSettings(Settings):
     grad_clip: float = setting(1.0, "clip the gradient norm to this (default 1; 0: no clipping)", parse=number, check=at_least(0))
     timesteps: str = setting("uniform", "training noise levels (default uniform, as the paper)", parse=choice("uniform", "shifted", "logit-normal"))
     train_shift: float = setting(5.0, "shift for --timesteps shifted (default 5)", parse=number, check=above(0))
-    seed: int = setting(0, "random seed (default 0)", parse=integer, check=at_least(0))
+    seed: int = setting(0, "random seed (default 0)", parse=integer, check=between(0, MAX_SEED))
     experts: str = setting("both", "Wan2.2-I2V-A14B: train a LoRA for both experts, each on its side of the noise boundary "
                            "(default), or for the low-noise expert only (half the training time)", parse=choice("both", "low"))
     high_noise_steps: int | None = setting(None, "Wan2.2-I2V-A14B: stage-1 steps of the high-noise expert (default: --steps)",
@@ -549,7 +552,7 @@ class RenderSettings(Settings):
     first_frame: str | None = setting(None, "the edited first frame (default: the run's; another one renders it with the same LoRA)",
                                       parse=path, group="inputs", inherit=False)
     negative_prompt: str | None = setting(None, "what to steer away from (default: Wan's negative prompt)", group="rendering")
-    seed: int = setting(0, "random seed (default 0)", parse=integer, check=at_least(0))
+    seed: int = setting(0, "random seed (default 0)", parse=integer, check=between(0, MAX_SEED))
     render_steps: int = setting(30, "sampling steps (default 30)", parse=integer, check=at_least(1), group="rendering")
     shift: float = setting(5.0, "sampling flow shift (default 5)", parse=number, check=above(0), group="rendering")
     guidance: float = setting(5.0, "classifier-free guidance scale (default 5; 1 turns it off)", parse=number, check=at_least(1),

@@ -136,3 +136,16 @@ frames = 16
     assert read_json(root / "bad" / "job.json")["train"]["steps"] == 3
     assert {"square.mode-mask-aware": "done", "square.mode-naive": "done", "bad": "running"} in seen
     assert "its inputs changed since its LoRA was trained" in (root / ".jobs" / "bad.log").read_text()
+
+
+def test_a_job_named_like_a_path_fails_alone_and_writes_nothing_outside_its_folder(tmp_path):
+    """name = "../escape" wrote ROOT/escape.json (and '../../x' would land outside ROOT) before it was refused."""
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('[[job]]\nname = "../escape"\nvideo = "x.mp4"\n[[job]]\nname = "../../out"\nvideo = "x.mp4"\n')
+    root = tmp_path / "root" / "batch"
+    assert main(["batch", str(jobs), "--out", str(root)]) == 1  # every job failed
+    record = read_json(root / "batch.json")
+    assert [j["status"] for j in record["jobs"]] == ["failed", "failed"] and "is not a folder name" in record["jobs"][0]["error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.toml", "root"]
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["batch"]
+    assert all(p.name.startswith("invalid-name-") for p in (root / ".jobs").iterdir())

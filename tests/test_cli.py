@@ -290,7 +290,8 @@ BAD_VALUES = [  # (flags added to a good `edit`, or a special case, and what the
     (["--feather", "-4", "--composite"], "--feather -4: must be at least 0"),
     (["--lora-targets", "nothing_like_this"], "matches none of the model's"),
     (["--lora-targets", "blocks.(["], "is not a valid regular expression"),
-    (["--seed", "-5"], "--seed -5: must be at least 0"),
+    (["--seed", "-5"], "--seed -5: must lie between 0 and 4294967295"),
+    (["--seed", "99999999999999999999"], "--seed 99999999999999999999: must lie between 0 and 4294967295"),
     (["--guidance", "-3"], "--guidance -3: must be at least 1"),
     (["--alpha", "0"], "--alpha 0: must be greater than 0"),
     (["--rank", "0"], "--rank 0: must be at least 1"),
@@ -720,3 +721,8 @@ def test_render_takes_sound_only_from_the_source_it_prepared(tiny_model, clip, t
         assert main(["render", "--out", str(run), "--seed", "1", "-q"]) == 0
     assert not has_sound(run / "render-2" / "edited.mp4")
     assert any("has changed since it was prepared; the result gets no sound from it" in r.getMessage() for r in caplog.records)
+
+
+def test_demo_refuses_a_negative_world_clip_number(capsys):
+    assert main(["demo", "--seed", "-1"]) == 2  # was a ValueError traceback from numpy
+    assert "--seed -1: the world clip's number must lie between 0 and" in capsys.readouterr().err

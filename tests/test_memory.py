@@ -336,3 +336,16 @@ def test_plan_says_when_it_plans_other_frames_than_edit_takes(monkeypatch, capsy
     fake["frames"] = 49
     assert plan_module.run_plan(args) == 0
     assert "note:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,expect", [(["--frames", "0"], "--frames 0: must be 4k+1"),
+                                          (["--frames", "100001"], "--frames 100001: must be 4k+1 between 1 and 1001"),
+                                          (["--gpu-memory", "inf"], "--gpu-memory inf: give the card's memory in GiB"),
+                                          (["--gpu-memory", "nan"], "--gpu-memory nan: give the card's memory in GiB")])
+def test_plan_refuses_frames_and_memory_it_cannot_plan(flags, expect, capsys):
+    """--frames 0 silently became the default, 100001 crashed; inf GiB was planned."""
+    from loraedit.cli import main
+
+    assert main(["plan", "--model", "wan2.2-ti2v-5b", *flags]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and expect in err[0], err
