@@ -228,13 +228,13 @@ def describe_inherited(inherited: dict[str, object]) -> str:
 RUN_PARTS = ("prepare", "train", "lora", "cache")  # the run's own folders: never a render's name
 
 
-def check_render_name(name: str | None) -> str | None:
+def check_render_name(name: str | None, flag: str = "--name") -> str | None:
     """--name: one folder inside the run (a path could write the render anywhere, or into lora/)."""
     if name is None:
         return None
     if not name.strip() or name != Path(name).name or name.startswith(".") or "\\" in name or name in RUN_PARTS:
-        raise InputError(f"--name {name!r}: must be the name of a folder inside the run, not a path, a hidden name or one of "
-                         f"{', '.join(RUN_PARTS)}; e.g. --name blue")
+        raise InputError(f"{flag} {name!r}: must be the name of a folder inside the run, not a path, a hidden name or one of "
+                         f"{', '.join(RUN_PARTS)}; e.g. {flag} blue")
     return name
 
 

@@ -243,6 +243,9 @@ def load_run(run_dir: Path, render_name: str = "render") -> Scored:
 
     from loraedit.files import read_json
 
+    from loraedit.cli import check_render_name
+
+    check_render_name(render_name, "--render")  # a folder of this run, not a path to another run's render
     plan = read_json(run_dir / "prepare" / "plan.json")
     frames_dir = run_dir / render_name / "frames"
     if not (run_dir / render_name / "settings.json").is_file() or not frames_dir.is_dir():
@@ -253,7 +256,8 @@ def load_run(run_dir: Path, render_name: str = "render") -> Scored:
         name=str(run_dir) if render_name == "render" else f"{run_dir}/{render_name}",
         output=np.stack([read_image(frames_dir / f"{i:03d}.png") for i in range(F)]),
         source=np.stack([read_image(prep / "source" / f"{i:03d}.png") for i in range(F)]),
-        first=read_image(prep / "first_frame.png"),
+        # a render with another --first-frame keeps it beside its frames; renders made before did not
+        first=read_image(next(p for p in (run_dir / render_name / "first_frame.png", prep / "first_frame.png") if p.is_file())),
         region=np.stack([read_gray(prep / "region" / f"{i:03d}.png") > 127 for i in range(F)]),
         write_to=run_dir / render_name,
     )
@@ -271,10 +275,14 @@ def load_video(path: Path, like: Path | None, source: str | None, first_frame: s
     from loraedit.masks import _read_mask_frames
     from loraedit.video import fit_to_size, read_image
 
+    if like is not None and (source or first_frame or mask):
+        raise InputError("--like RUN scores on the run's own source, first frame and region: give it, or --source "
+                         "(with --first-frame, --mask), not both")
     out = _read_video(path)
     F, H, W = out.shape[:3]
     if like is not None:
         ref = load_run_inputs(like)
+        _same_aspect(f"--like {like}", ref.source.shape[2], ref.source.shape[1], W, H, path)
         if ref.source.shape[0] != F:
             log.warning("%s: has %d frames, the run %s %d; scoring the first %d", path, F, like, ref.source.shape[0],
                         min(F, ref.source.shape[0]))
@@ -284,8 +292,12 @@ def load_video(path: Path, like: Path | None, source: str | None, first_frame: s
         return Scored(str(path), out, ref.source[:n], ref.first, ref.region[:n])
     if source is None:
         raise InputError(f"{path}: a video needs what it was made from: --like RUN (a run folder) or --source VIDEO")
+    if Path(source).is_dir():
+        raise InputError(f"--source {source}: is a folder; pass the source video the result was made from")
     if not Path(source).is_file():
         raise InputError(f"--source {source}: no such file")
+    if Path(source).suffix.lower() not in VIDEO_SUFFIXES:
+        raise InputError(f"--source {source}: is not a video ({', '.join(VIDEO_SUFFIXES)}); pass the source video")
     from loraedit.video import probe_video
 
     src_info, out_info = probe_video(source), probe_video(path)

@@ -153,8 +153,9 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
     write_video(out_dir / "edited.mp4", frames, fps, audio_from=audio)
     write_video(out_dir / "side_by_side.mp4", np.concatenate([source, frames], axis=2), fps)
     write_png(out_dir / "contact_sheet.png", contact_sheet([source, frames]))
+    write_png(out_dir / "first_frame.png", prepared["first"])  # the edited first frame this render started from (eval's frame 0)
     write_json(out_dir / "settings.json", record if record is not None else args.to_dict())  # last: marks it complete
-    return {"seconds": time.perf_counter() - t0, "peak_memory_gb": peak, "dir": str(out_dir), "seed": args.seed, "batched_guidance": batch_cfg,
+    return {"seconds": time.perf_counter() - t0, "peak_memory_gb": peak, "dir": out_dir.name, "seed": args.seed, "batched_guidance": batch_cfg,
             "seconds_per_step": sum(gaps) / len(gaps),
             **({"render_cache_calls": cache_stats["calls"], "render_cache_full_calls": cache_stats["full"]} if cache_stats else {}),
             "steps": args.render_steps, "guidance": args.guidance, "shift": args.shift}

@@ -140,6 +140,11 @@ def test_render_with_another_first_frame(trained_run, clip, tmp_path):
     a = read_image(trained_run / "render" / "frames" / "000.png").astype(int)
     b = read_image(trained_run / "green" / "frames" / "000.png").astype(int)
     assert np.abs(a - b).max() > 0
+    # the render keeps the first frame it started from: eval's frame-0 PSNR compares with it, not the prepared one
+    assert np.array_equal(read_image(trained_run / "green" / "first_frame.png"), other)
+    from loraedit.evaluate import load_run
+
+    assert np.array_equal(load_run(trained_run, "green").first, other)
 
 
 def test_naive_mode_conditions_on_the_first_frame_only(tiny_model, clip, tmp_path):

@@ -241,3 +241,21 @@ def test_eval_on_a_single_frame_is_quiet(world_clip):
         warnings.simplefilter("error")  # numpy's "mean of empty slice" printed under the table
         m = pixel_metrics(Scored("one", world_clip.source[:1], world_clip.source[:1], world_clip.source[0], None))
     assert math.isnan(m["psnr_out"]) and m["first_psnr"] > 90
+
+
+def test_eval_refuses_inputs_that_cannot_be_what_a_result_was_made_from(world_clip, tmp_path, capsys):
+    c = world_clip
+    write_video(tmp_path / "result.mkv", c.source, c.fps, lossless=True)
+    write_png(tmp_path / "frame.png", c.source[0])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "prepare").mkdir()
+    (tmp_path / "run" / "prepare" / "plan.json").write_text("{}")
+    cases = [(["--source", str(tmp_path / "frame.png")], "is not a video"),  # every metric was "–", exit 0
+             (["--source", str(tmp_path)], "is a folder; pass the source video"),
+             (["--like", str(tmp_path / "run"), "--source", str(tmp_path / "result.mkv")], "not both"),
+             (["--render", "../other/render"], "--render '../other/render': must be the name of a folder inside the run")]
+    for flags, expect in cases:
+        target = str(tmp_path / "run") if flags[0] == "--render" else str(tmp_path / "result.mkv")
+        assert main(["eval", target, *flags, "-q"]) == 2, flags
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and expect in err[0], err
