@@ -101,11 +101,16 @@ def _load_toml(path: str) -> tuple[dict, Path]:
         raise InputError(f"{path}: not valid TOML ({exc}); fix the file") from None
     known = S.all_fields()
     out = {}
+    spelt: dict[str, str] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
         if name not in known:
             raise InputError(f"{path}: unknown setting '{key}'; the keys are the flag names of `loraedit edit --help`")
+        if name in spelt:  # render-steps and render_steps: one setting, and which one wins is a guess
+            raise InputError(f"{path}: '{spelt[name]}' and '{key}' are the same setting; keep one")
+        spelt[name] = key
         out[name] = _beside(value, known[name], p.parent)
+        S.read_value(known[name], out[name], str(p))  # checked here, also when a flag on the command line overrides it
     return out, p
 
 
@@ -113,12 +118,16 @@ def _beside(value, f, folder: Path):
     """Relative paths in a job file are relative to the file, not to where loraedit is run."""
     parse = f.metadata["parse"]
 
-    def fix(v):
-        if isinstance(v, str) and v.strip() and not Path(v).expanduser().is_absolute() and (folder / v).exists():
-            return str(folder / v)
-        return v
+    def fix(v, hub_id_possible: bool = False):
+        if not isinstance(v, str) or not v.strip() or Path(v).expanduser().is_absolute():
+            return v
+        if hub_id_possible and not (folder / v).exists():
+            return v  # --model may name a downloaded hub model (org/name) rather than a folder
+        return str(folder / v)
 
-    if parse in (S.path, S.model_path):
+    if parse is S.model_path:
+        return fix(value, hub_id_possible=True)
+    if parse is S.path:
         return fix(value)
     if parse is S.refs:
         if isinstance(value, dict):

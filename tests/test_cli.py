@@ -317,6 +317,7 @@ BAD_VALUES = [  # (flags added to a good `edit`, or a special case, and what the
     ("toml rank = 2.5", "rank = 2.5: must be a whole number"),
     ("toml stepz = 3", "unknown setting 'stepz'"),
     ("toml ref = 4", "write each reference as FRAME=PATH"),
+    ("toml render-steps = 1\nrender_steps = 2", "'render-steps' and 'render_steps' are the same setting; keep one"),
     ("out is a file", "is an existing file, not a run folder"),
     ("out read-only", "cannot create the run folder (Read-only file system)"),
     ("render --steps 1", "--steps is not a setting of `loraedit render`"),
@@ -731,3 +732,26 @@ def test_render_takes_sound_only_from_the_source_it_prepared(tiny_model, clip, t
 def test_demo_refuses_a_negative_world_clip_number(capsys):
     assert main(["demo", "--seed", "-1"]) == 2  # was a ValueError traceback from numpy
     assert "--seed -1: the world clip's number must lie between 0 and" in capsys.readouterr().err
+
+
+def test_a_job_file_is_checked_whole_and_its_paths_are_its_own(tiny_model, clip, tmp_path, capsys, monkeypatch):
+    """A bad value in the file passed unchecked when a flag overrode it; a relative path was read from
+    the working folder unless the file happened to exist beside the job file."""
+    import shutil
+
+    (tmp_path / "job.toml").write_text('steps = "ten"\n')
+    argv = edit_argv(tiny_model, clip, tmp_path / "run") + ["--config", str(tmp_path / "job.toml")]
+    assert main(argv) == 2  # --steps 4 is on the command line too
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "steps = 'ten': must be a whole number" in err[0], err
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    (jobs / "job.toml").write_text('first-frame = "edited.png"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(clip["first_frame"], elsewhere / "edited.png")  # the working folder has one; the job file's folder not
+    monkeypatch.chdir(elsewhere)
+    inv = resolve(["prepare", "--out", str(tmp_path / "r"), "--config", str(jobs / "job.toml")])
+    from loraedit.settings import PrepareSettings
+
+    assert inv.stages[PrepareSettings].first_frame == str(jobs / "edited.png")
