@@ -10,6 +10,7 @@ import functools
 import gc
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -121,13 +122,41 @@ def fitting_mode(requested: str, config: dict, latent: tuple[int, int, int], kin
                      + " — `loraedit plan` shows every mode")
 
 
+def hub_problem(repo_id: str, filename: str) -> str | None:
+    """Why the hub id `repo_id` cannot be used now (None: it is in the local Hugging Face cache, or
+    the hub has it and can be reached to download it). Asked before any work, so a mistyped folder
+    ("models/toy" looks like a hub id) or a machine without network is one line, not a traceback
+    after the frames were prepared, or minutes of retries."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo_id, filename), str):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "no such folder here, and it is not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+    try:
+        model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        return None  # downloading it asks for the login the user has (or says so itself)
+    except RepositoryNotFoundError:
+        return "no such folder here, and no such model on the Hugging Face hub"
+    except Exception:  # noqa: BLE001 - httpx/requests connection errors, timeouts: no network
+        return "no such folder here, and the Hugging Face hub cannot be reached to download it"
+    return None
+
+
 def check_model(path: str) -> str:
     """A local diffusers folder of a supported Wan image-to-video model (loraedit.family), or a hub
-    id (which diffusers downloads); anything else is refused in one line before weights load."""
+    id that is downloaded or can be (diffusers fetches it); anything else is refused in one line
+    before weights load."""
     p = Path(path)
     if not p.exists():
         if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
-            return path  # a hub id: diffusers fetches it where there is network
+            problem = hub_problem(path, "model_index.json")
+            if problem:
+                raise InputError(f"--model {path}: {problem}; pass the folder of the Wan weights in diffusers layout "
+                                 f"(e.g. `huggingface-cli download Wan-AI/Wan2.1-I2V-14B-480P-Diffusers --local-dir DIR`)")
+            return path  # a hub id: diffusers fetches it
         raise InputError(f"{path}: no such model folder; pass {family.SUPPORTED}")
     if not (p / "model_index.json").is_file():
         raise InputError(f"{path}: not a diffusers model folder (no model_index.json); download the '-Diffusers' variant of the Wan I2V model")

@@ -513,6 +513,18 @@ class TrainSettings(Settings):
         if self.caption == "auto" and self.captioner and Path(self.captioner).is_absolute() and not Path(self.captioner).is_dir():
             raise InputError(f"{self.captioner}: no such Florence-2 folder (--captioner); give a local Florence-2 folder in the "
                              "transformers layout, or write --prompt / --edit-prompt yourself")
+        if self.caption == "auto" and not (self.prompt and self.edit_prompt is not None):
+            from loraedit.caption import DEFAULT_CAPTIONER
+
+            captioner = self.captioner or DEFAULT_CAPTIONER
+            if not Path(captioner).expanduser().exists():
+                from loraedit.models import hub_problem
+
+                problem = hub_problem(captioner, "config.json")
+                if problem:  # said at once: offline, the download was retried for minutes before failing
+                    raise InputError(f"--caption auto: the captioner {captioner}: {problem}; download it (huggingface-cli "
+                                     f"download {captioner} --local-dir DIR, then --captioner DIR), or write --prompt / "
+                                     "--edit-prompt yourself")
         if self.experts != "both" or self.high_noise_steps is not None:
             _two_experts_only(self.model, "--experts low" if self.experts != "both" else "--high-noise-steps")
 

@@ -755,3 +755,21 @@ def test_a_job_file_is_checked_whole_and_its_paths_are_its_own(tiny_model, clip,
     from loraedit.settings import PrepareSettings
 
     assert inv.stages[PrepareSettings].first_frame == str(jobs / "edited.png")
+
+
+def test_a_hub_id_that_is_not_downloaded_is_one_line_before_any_work(tiny_model, clip, tmp_path, capsys, monkeypatch):
+    """A mistyped relative folder ("models/toy") looks like a hub id: the frames were prepared, then a
+    network traceback; --caption auto offline retried for 2.5 minutes before its one line."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    argv = edit_argv(tiny_model, clip, tmp_path / "run")
+    argv[argv.index("--model") + 1] = "models/toy"
+    assert main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "--model models/toy: no such folder here, and it is not in the Hugging Face cache" in err[0], err
+    assert not (tmp_path / "run").exists()
+    argv = edit_argv(tiny_model, clip, tmp_path / "run2", "--caption", "auto")
+    assert main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "--caption auto: the captioner florence-community/Florence-2-base: no such folder here" in err[0], err
+    assert not (tmp_path / "run2").exists()  # before the frames were prepared
