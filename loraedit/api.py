@@ -229,7 +229,8 @@ def prepare(run_dir: str | Path, s: PrepareSettings, restart: bool = False, then
             changed = runstate.differences(was, new)
             if changed and not restart:
                 shutil.rmtree(staging, ignore_errors=True)
-                what = ", ".join(x for x in (prepare_changes, runstate.describe_changes({"inputs": was}, {"inputs": new})) if x)
+                what = ", ".join(dict.fromkeys(part for x in (prepare_changes, runstate.describe_changes({"inputs": was}, {"inputs": new}))
+                                               for part in x.split(", ") if part))
                 raise InputError(f"{run_dir}: the LoRA there was trained on other prepared inputs ({what}); "
                                  "use a new --out, or --restart to discard the trained LoRA and train again")
             if changed:
@@ -337,7 +338,7 @@ def _check_training(run_dir: Path, old: dict, new: dict, staging: Path | None = 
 
 
 def _refuse_changed_training(run_dir: Path, old: dict, new: dict, because: str = "") -> None:
-    what = ", ".join(dict.fromkeys(x for x in (because, runstate.describe_changes(old, new)) if x))
+    what = ", ".join(dict.fromkeys(part for x in (because, runstate.describe_changes(old, new)) for part in x.split(", ") if part))
     state = "was trained" if _has_trained_lora(run_dir) else "is partly trained"
     hint = ""
     changed = runstate.differences(old, new)

@@ -138,8 +138,16 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def _shown(value) -> str:
     """A value as typed on the command line: quoted where it is empty or has spaces ('' → 'a man')."""
+    if value is None:
+        return "(none)"
+    if isinstance(value, dict):  # --ref: the frame numbers ({} → (none); {'4': path} → 4)
+        return "+".join(str(k) for k in value) or "(none)"
+    if isinstance(value, (list, tuple)):
+        return "; ".join(_shown(v) for v in value) or "(none)"
     if isinstance(value, str) and (not value or any(c.isspace() for c in value)):
         return repr(value)
+    if isinstance(value, str) and os.sep in value and len(value) > 40:
+        return Path(value).name  # a path: its file name is what tells runs apart in one line
     return str(value)
 
 

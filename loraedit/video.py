@@ -583,7 +583,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, lossless: bool
     frames = np.asarray(frames)
     rate = Fraction(fps).limit_denominator(1001)
     with atomic_output(path) as tmp:
-        with av.open(str(tmp), mode="w") as out:
+        # bitexact: no random segment id or muxer version in the file, so the same frames give the same bytes
+        with av.open(str(tmp), mode="w", options={"fflags": "+bitexact"}) as out:
             if lossless:
                 stream = out.add_stream("ffv1", rate=rate)
                 stream.pix_fmt = "bgr0" if frames.ndim == 4 else "gray"  # FFV1 takes no rgb24; bgr0 is lossless RGB

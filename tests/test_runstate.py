@@ -419,3 +419,13 @@ def test_the_same_frames_at_another_frame_rate_are_rendered_again_not_reused(tin
         with av.open(str(run / name / "edited.mp4")) as c:
             rates.append(float(c.streams.video[0].average_rate))
     assert rates == [12.0, 8.0]
+
+
+def test_change_descriptions_read_as_typed():
+    """'--mask None → …' and '--ref {} → {'4': …}' were shown raw."""
+    from loraedit.runstate import describe_changes
+
+    text = describe_changes({"settings": {"mask": None, "ref": {}, "steps": 4}},
+                            {"settings": {"mask": "/data/clips/a-rather-long-folder-name/walk_mask.mkv", "ref": {"4": "/x/r4.png"},
+                                          "steps": 6}})
+    assert text == "--mask (none) → walk_mask.mkv, --ref (none) → 4, --steps 4 → 6", text

@@ -349,3 +349,15 @@ def test_anamorphic_video_is_read_at_the_size_players_show(tmp_path):
     assert (info.width, info.height) == (128, 128)
     assert read_video_frames(tmp_path / "ana.mp4", [0, 7]).shape == (2, 128, 128, 3)
     assert next(iter_video_frames(tmp_path / "ana.mp4", 0, 0))[1].shape == (128, 128, 3)
+
+
+def test_the_same_frames_give_the_same_bytes(tmp_path):
+    """Matroska wrote a random segment id: a demo rerun saw 'the video's contents' change."""
+    import hashlib
+
+    frames = _numbered(6)
+    digests = set()
+    for i in range(2):
+        write_video(tmp_path / f"{i}.mkv", frames, 16, lossless=True)
+        digests.add(hashlib.sha256((tmp_path / f"{i}.mkv").read_bytes()).hexdigest())
+    assert len(digests) == 1
