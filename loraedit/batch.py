@@ -146,6 +146,11 @@ def expand(name: str, settings: dict, actions: dict[str, argparse.Action], origi
     hand_made = settings.pop("variant", None) or [{}]
     if not isinstance(hand_made, list) or not all(isinstance(v, dict) for v in hand_made):
         return [Job(name, settings, origin, error=f"{origin}: 'variant' must be [[variant]] tables, each with a name")]
+    if hand_made != [{}]:
+        unnamed = [i + 1 for i, v in enumerate(hand_made) if not str(v.get("name", "")).strip()]
+        if unnamed:  # two unnamed variants would be one run folder; a name says what each one tries
+            return [Job(name, settings, origin, error=f"{origin}: [[variant]] {unnamed[0]} of job '{name}' has no name; "
+                                                      "give each one, e.g. name = \"more-steps\"")]
     varying = []
     for key, value in settings.items():
         action = actions.get(key)

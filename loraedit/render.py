@@ -158,4 +158,5 @@ def run(args: RenderSettings, run_dir: Path, prepared: dict, cache: dict[str, to
     return {"seconds": time.perf_counter() - t0, "peak_memory_gb": peak, "dir": out_dir.name, "seed": args.seed, "batched_guidance": batch_cfg,
             "seconds_per_step": sum(gaps) / len(gaps),
             **({"render_cache_calls": cache_stats["calls"], "render_cache_full_calls": cache_stats["full"]} if cache_stats else {}),
-            "steps": args.render_steps, "guidance": args.guidance, "shift": args.shift}
+            "steps": args.render_steps, "guidance": args.guidance, "shift": args.shift,
+            "memory_mode": memory}  # the mode --memory auto chose, not "auto"

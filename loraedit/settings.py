@@ -164,6 +164,8 @@ def refs(value) -> dict[int, str]:
         if not isinstance(value, (list, tuple)):
             raise ValueError("write each reference as FRAME=PATH, e.g. 24=edited_024.png (in TOML: a [ref] table)")
         items = []
+        if [str(v).strip().lower() for v in value] == ["none"]:
+            return {}  # --ref none: no references, also where the run's job.json has some
         for item in value:
             if not isinstance(item, str):
                 raise ValueError("write each reference as FRAME=PATH, e.g. 24=edited_024.png")
@@ -363,7 +365,7 @@ class PrepareSettings(Settings):
     model: str | None = setting(None, _MODEL_HELP, parse=model_path, group="inputs")
     video: str | None = setting(None, "source video", parse=path, group="inputs")
     first_frame: str | None = setting(None, "the edited first frame (PNG/JPEG)", parse=path, group="inputs")
-    ref: dict = setting({}, "edited later frame K (0 < K < frames) as an appearance reference; repeatable",
+    ref: dict = setting({}, "edited later frame K (0 < K < frames) as an appearance reference; repeatable; --ref none: no references (over the run's recorded ones)",
                         parse=refs, metavar="K=PATH", repeat=True, group="inputs")
     frames: int | str = setting(49, "frames to edit, 4k+1 (default 49; 17 with the bundled toy model), or auto: as many as fit, up to 81", parse=frames_or_auto,
                                 check=frame_count, group="frames")

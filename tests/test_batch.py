@@ -149,3 +149,16 @@ def test_a_job_named_like_a_path_fails_alone_and_writes_nothing_outside_its_fold
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.toml", "root"]
     assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["batch"]
     assert all(p.name.startswith("invalid-name-") for p in (root / ".jobs").iterdir())
+
+
+def test_a_variant_without_a_name_fails_its_job(tmp_path):
+    f = tmp_path / "jobs.toml"
+    f.write_text('[[job]]\nname = "a"\nvideo = "x.mp4"\n[[job.variant]]\nsteps = 3\n[[job.variant]]\nname = "b"\nsteps = 4\n')
+    [job] = load_jobs(str(f))
+    assert "[[variant]] 1 of job 'a' has no name" in job.error
+
+
+def test_ref_none_clears_the_references():
+    from loraedit.settings import PrepareSettings
+
+    assert PrepareSettings(ref=["none"]).ref == {} and PrepareSettings(ref="None").ref == {}
