@@ -43,7 +43,7 @@ def _has_trained_lora(run_dir: Path) -> bool:
     return (run_dir / LORA_FILE).is_file() or any((run_dir / "lora").glob("*/pytorch_lora_weights.safetensors"))
 
 
-def _training_unfinished(run_dir: Path) -> str | None:
+def training_unfinished(run_dir: Path) -> str | None:
     """Why the run cannot be rendered yet (None: trained, or trained with 0 steps: the base model on
     purpose): never trained, or interrupted (checkpoints and no finished LoRA)."""
     rec = run_dir / "train" / "record.json"
@@ -374,7 +374,7 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
             _discard_training(run_dir, "--restart")
         elif old is not None:
             _check_training(run_dir, old, record)
-            if _has_trained_lora(run_dir) and _training_unfinished(run_dir) is None:
+            if _has_trained_lora(run_dir) and training_unfinished(run_dir) is None:
                 # the finished LoRA is reused: it was trained from the encodings named then, and the record says so
                 record[runstate.ENCODING] = old.get(runstate.ENCODING, record[runstate.ENCODING])
         elif old is None and leftovers:
@@ -469,7 +469,7 @@ def render(run_dir: str | Path, s: RenderSettings, name: str | None = None, prog
         from loraedit import render as stage
 
         _require_prepared(run_dir)
-        unfinished = _training_unfinished(run_dir)
+        unfinished = training_unfinished(run_dir)
         if unfinished:  # a render now would be the base model's video in the folder that holds the result
             raise InputError(f"{run_dir}: {unfinished}; run `loraedit train --out {run_dir}` (or the same `loraedit edit` "
                              "again) to finish it, then render")

@@ -388,8 +388,11 @@ def renders(run_dir: Path) -> list[Path]:
 
 
 def lora_files(run_dir: Path) -> list[str]:
+    """The trained LoRA's files to download: lora/ of one transformer, lora/high_noise and
+    lora/low_noise of a two-expert model (Wan2.2-A14B)."""
     lora = Path(run_dir) / "lora"
-    return [str(p) for p in (lora / "pytorch_lora_weights.safetensors", lora / "wan_lora.safetensors") if p.is_file()]
+    names = ("pytorch_lora_weights.safetensors", "wan_lora.safetensors")
+    return [str(p) for d in (lora, *sorted(q for q in lora.glob("*") if q.is_dir())) for p in (d / n for n in names) if p.is_file()]
 
 
 def run_table(root: Path) -> list[list]:
@@ -916,8 +919,11 @@ def build(root: Path, queue: JobQueue, model: str | None = None) -> gr.Blocks:
         def on_rerender(run, seed_v, steps_v, guidance_v, first_v):
             if not run:
                 return error_html("no run selected: start an edit or open a run (step 7)")
-            if not (Path(run) / "lora" / "pytorch_lora_weights.safetensors").is_file():
-                return error_html(f"{Path(run).name}: has no trained LoRA yet; wait for training to finish")
+            from loraedit.api import training_unfinished
+
+            unfinished = training_unfinished(Path(run))  # also a two-expert run's lora/high_noise, lora/low_noise
+            if unfinished:
+                return error_html(f"{Path(run).name}: {unfinished}; wait for training to finish")
             argv = ["render", "--out", run, "--seed", str(int(seed_v or 0))]
             if steps_v and steps_v.strip():
                 argv += ["--render-steps", steps_v.strip()]

@@ -287,3 +287,24 @@ def test_a_job_record_being_written_is_not_read(tmp_path):
     job.save()
     (run / JOBS_SUBDIR / ".0002.k3j4.json").write_text('{"run_dir": ')  # cut off mid-write
     assert [j.id for j in run_jobs(run)] == ["0001"]
+
+
+def test_a_two_expert_run_offers_both_loras_and_can_be_rendered_again(tmp_path):
+    """Wan2.2-A14B keeps lora/high_noise and lora/low_noise: the page offered no LoRA to download and
+    refused to render again ("no trained LoRA yet") however long one waited."""
+    pytest.importorskip("gradio")
+    from loraedit import ui
+    from loraedit.api import training_unfinished
+
+    run = tmp_path / "run"
+    for expert in ("high_noise", "low_noise"):
+        (run / "lora" / expert).mkdir(parents=True)
+        (run / "lora" / expert / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+        (run / "train" / expert).mkdir(parents=True)
+        (run / "train" / expert / "done.json").write_text("{}")
+    (run / "train" / "record.json").write_text('{"settings": {"steps": 4}}')
+    assert [Path(p).parent.name for p in ui.lora_files(run)] == ["high_noise", "low_noise"]
+    assert training_unfinished(run) is None
+    (run / "train" / "low_noise" / "checkpoints" / "step-000002").mkdir(parents=True)
+    (run / "train" / "low_noise" / "done.json").unlink()
+    assert training_unfinished(run) == "its training was interrupted and is not finished"
