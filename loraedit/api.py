@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -43,12 +44,18 @@ def _has_trained_lora(run_dir: Path) -> bool:
     return (run_dir / LORA_FILE).is_file() or any((run_dir / "lora").glob("*/pytorch_lora_weights.safetensors"))
 
 
+TRAINING_MARK = Path("train") / "training.json"  # present while a training has begun and not finished
+
+
 def training_unfinished(run_dir: Path) -> str | None:
     """Why the run cannot be rendered yet (None: trained, or trained with 0 steps: the base model on
     purpose): never trained, or interrupted (checkpoints and no finished LoRA)."""
     rec = run_dir / "train" / "record.json"
     if not rec.is_file():
         return "is not trained yet"
+    if (run_dir / TRAINING_MARK).is_file():  # written before training starts, removed when every expert is done
+        return "its training was interrupted and is not finished"
+    # runs trained before the mark existed: checkpoints left without a finished LoRA
     interrupted = [c for c in (run_dir / "train").glob("**/checkpoints")
                    if any(c.glob("step-*")) and not (c.parent / "done.json").is_file()]
     if interrupted:
@@ -374,9 +381,6 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
             _discard_training(run_dir, "--restart")
         elif old is not None:
             _check_training(run_dir, old, record)
-            if _has_trained_lora(run_dir) and training_unfinished(run_dir) is None:
-                # the finished LoRA is reused: it was trained from the encodings named then, and the record says so
-                record[runstate.ENCODING] = old.get(runstate.ENCODING, record[runstate.ENCODING])
         elif old is None and leftovers:
             raise InputError(f"{run_dir}: holds a LoRA or checkpoints without a record of how they were trained; "
                              "use a new --out, or --restart to discard them and train again")
@@ -388,7 +392,9 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
         if seconds is not None:
             manifest.update(run_dir, "encode", {"seconds": seconds, "cache": f"cache/encoded-{key}.safetensors",
                                                 "texts": list(es.texts)}, es.__dict__)
+        write_json(run_dir / TRAINING_MARK, {"started": time.time(), "pid": os.getpid()})
         figures = stage.run(s, run_dir, cache, device, progress=progress)
+        (run_dir / TRAINING_MARK).unlink()  # every expert is done: the run can be rendered
         if figures.get("reused"):
             return figures
         manifest.update(run_dir, "train", figures, s.to_dict(), inputs=dict(record["inputs"], texts=record["texts"]))
@@ -400,7 +406,7 @@ def train(run_dir: str | Path, s: TrainSettings, restart: bool = False, progress
 
 def _render_plan(run_dir: Path, s: RenderSettings) -> tuple[dict, dict, object, dict]:
     """(prepared, hashes, encode settings, the render's record) for rendering `s` now."""
-    from loraedit.video import fit_edited, read_edited
+    from loraedit.video import read_edited_fitted
 
     prepared = _prepared(run_dir)
     train_rec_file = run_dir / "train" / "record.json"
@@ -418,8 +424,8 @@ def _render_plan(run_dir: Path, s: RenderSettings) -> tuple[dict, dict, object, 
     if s.first_frame:
         # another edited first frame: same frames and regions, new condition and image embedding
         plan = prepared["plan"]
-        new_first = fit_edited(read_edited(s.first_frame, prepared["source"][0]), plan["width"], plan["height"],
-                               plan["source_width"], plan["source_height"], s.first_frame)
+        new_first = read_edited_fitted(s.first_frame, prepared["source"][0], plan["source_width"], plan["source_height"],
+                                       plan.get("source_stored"))
         _warn_beyond_region(prepared, new_first, s.first_frame)
         prepared["first"] = new_first
     hashes = runstate.prepared_hashes(prepared)

@@ -114,7 +114,7 @@ def run_masks(args) -> int:
     frames = np.stack([fit_to_size(f, width, height) for f in raw])
     del raw
     if edited is not None:
-        first = fit_edited(edited, width, height, info.width, info.height, args.first_frame)
+        first = fit_edited(edited, width, height, info.width, info.height, args.first_frame, info.stored)
     else:
         first = frames[0]
     t1 = time.perf_counter()

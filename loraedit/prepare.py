@@ -31,7 +31,8 @@ from loraedit.errors import InputError
 from loraedit.files import read_json, write_json
 from loraedit.settings import PrepareSettings, add_arguments
 from loraedit.video import (MODEL_FPS, PIXEL_BUDGET_480P, FrameChoice, Start, VideoInfo, aspect_size, choose_frames, crop_fraction, crop_window,
-                            default_size, fit_edited, fit_to_size, parse_size, parse_start, probe_video, read_edited, read_image, write_png)
+                            default_size, fit_edited, fit_to_size, parse_size, parse_start, probe_video, read_edited, read_edited_fitted, read_image,
+                            write_png)
 
 log = logging.getLogger("loraedit")
 
@@ -315,7 +316,8 @@ def run(args: PrepareSettings, run_dir: Path) -> dict:
     refs = check_refs(args.ref, len(indices))
     for k, path in refs.items():  # a reference that cannot be used is said now, not after the frames are read and tracked
         h, w = read_image(path).shape[:2]
-        if (w, h) not in ((width, height), (info.width, info.height)) and abs(w / h - info.width / info.height) > 0.02 * info.width / info.height:
+        if (w, h) not in ((width, height), (info.width, info.height), info.stored) and \
+                abs(w / h - info.width / info.height) > 0.02 * info.width / info.height:
             raise InputError(f"--ref {k}={path}: is {w}x{h}, a different aspect ratio from the video's {info.width}x{info.height}; "
                              "crop or pad it to the video's aspect")
     opts = args.mask_options()
@@ -327,7 +329,7 @@ def run(args: PrepareSettings, run_dir: Path) -> dict:
     crop = warn_about_crop(info, (width, height), footage.size is not None, raw[0], at_source_size(edited, info), args.first_frame)
     frames = np.stack([fit_to_size(f, width, height) for f in raw])
     del raw
-    first = fit_edited(edited, width, height, info.width, info.height, args.first_frame)
+    first = fit_edited(edited, width, height, info.width, info.height, args.first_frame, info.stored)
 
     automatic = not (opts.masks or opts.mask or opts.boxes)
     extent = edit_extent(frames[0], first, opts.diff_threshold, opts.min_area) if automatic else None
@@ -358,10 +360,10 @@ def run(args: PrepareSettings, run_dir: Path) -> dict:
         stale.unlink()  # a rerun with fewer frames
     write_png(out / "first_frame.png", first)
     for k, path in refs.items():
-        write_png(out / "refs" / f"{k:03d}.png", fit_edited(read_edited(path, frames[k]), width, height, info.width, info.height, path))
+        write_png(out / "refs" / f"{k:03d}.png", read_edited_fitted(path, frames[k], info.width, info.height, info.stored))
     plan = {
         "frames": len(indices), "width": width, "height": height, "indices": indices, "source_frames": info.n_frames,
-        "source_width": info.width, "source_height": info.height, "source_fps": info.fps, "fps": choice.fps,
+        "source_width": info.width, "source_height": info.height, "source_stored": list(info.stored) if info.stored else None, "source_fps": info.fps, "fps": choice.fps,
         "frame_rule": choice.rule, "start_time": round(choice.start_time, 4), "model_fps": model_fps,
         "has_audio": info.has_audio, "audio_in_sync": choice.start_time < 0.5 / info.fps,
         "cuts": [{"frame": c.frame, "time": round(c.time, 3), "score": round(c.score, 1)} for c in cuts],

@@ -219,7 +219,7 @@ def above(low) -> Callable[[Any], str | None]:
     return lambda v: None if v > low else f"must be greater than {low}"
 
 
-MAX_SEED = 2**32 - 1  # as diffusers and ComfyUI seeds; torch takes 64 bits, less the offsets added per expert
+MAX_SEED = 10**13  # torch takes 64 bits; training seeds step s with seed × 1_000_003 + s, which must stay under 2^64
 
 
 def between(low, high) -> Callable[[Any], str | None]:

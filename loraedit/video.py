@@ -40,6 +40,8 @@ class VideoInfo:
     # presentation time (seconds) of every frame in display order, from the container; empty when
     # the file does not say. Used to pick frames evenly in time from a variable-frame-rate video.
     times: tuple[float, ...] = ()
+    # anamorphic video: the stored picture size (width, height) when it differs from the displayed one
+    stored: tuple[int, int] | None = None
 
     @property
     def variable_rate(self) -> bool:
@@ -157,13 +159,15 @@ def probe_video(path: str | Path) -> VideoInfo:
             n = len(pts)
         rotation = _rotation(stream, first)
         w, h = _display_size(stream, first)
+        stored = None if (w, h) == (first.width, first.height) else (first.width, first.height)
         if rotation in (90, 270):
             w, h = h, w
+            stored = stored and (stored[1], stored[0])
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
         times = tuple(sorted(pts)) if pts and None not in pts and len(set(pts)) == len(pts) else ()
         if times:
             times = tuple(t - times[0] for t in times)
-        return VideoInfo(str(path), w, h, float(rate), n, rotation, bool(container.streams.audio), times)
+        return VideoInfo(str(path), w, h, float(rate), n, rotation, bool(container.streams.audio), times, stored)
 
 
 def frame_indices(n_total: int, frames: int, start: int = 0, stride: int | None = None, path: str = "video",
@@ -529,39 +533,75 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: cannot be read as an image ({exc.__class__.__name__}); save it as PNG") from None
 
 
-def fit_edited(img: np.ndarray, width: int, height: int, src_w: int, src_h: int, path: str) -> np.ndarray:
+def fit_edited(img: np.ndarray, width: int, height: int, src_w: int, src_h: int, path: str,
+               stored: tuple[int, int] | None = None, quiet: bool = False) -> np.ndarray:
     """An edited frame → the working size. One already at the working size is used as it is;
     another size than the source's is fine (resized, with a warning) when its aspect matches
-    within 2%; another aspect is an InputError. (The same rule as prepare.fit_edited.)"""
+    within 2%; another aspect is an InputError. (The same rule as prepare.fit_edited.)
+    stored: an anamorphic video's stored size; a frame grabbed at that size (ffmpeg -frames:v 1) is
+    the same picture, widened or narrowed to the displayed size as players do."""
     h, w = img.shape[:2]
     if (w, h) == (width, height):
         return img  # already at the working size (e.g. edited from a frame of `loraedit masks` or prepare)
+    if stored is not None and (w, h) == tuple(stored):
+        img = cv2.resize(img, (src_w, src_h), interpolation=cv2.INTER_CUBIC)
+        h, w = img.shape[:2]
     if (w, h) != (src_w, src_h):
         if abs(w / h - src_w / src_h) > 0.02 * (src_w / src_h):
             raise InputError(f"{path}: is {w}x{h}, a different aspect ratio from the video's {src_w}x{src_h}; crop or pad it to the video's aspect")
-        logging.getLogger("loraedit").warning("%s: is %dx%d, the video %dx%d; resizing it to match", path, w, h, src_w, src_h)
+        if not quiet:
+            logging.getLogger("loraedit").warning("%s: is %dx%d, the video %dx%d; resizing it to match", path, w, h, src_w, src_h)
         img = fit_to_size(img, src_w, src_h)
     return fit_to_size(img, width, height)
 
 
-def read_edited(path: str | Path, source_frame: np.ndarray) -> np.ndarray:
-    """An edited frame → (H, W, 3) uint8 RGB. Where it is transparent (an edit exported as a layer,
-    a PNG with the background erased) it shows `source_frame`, the video frame it edits, at the
-    image's size: transparent pixels mean "unchanged", not black."""
-    rgb = read_image(path)
-    alpha = None
+def image_alpha(path: str | Path) -> np.ndarray | None:
+    """(H, W) uint8 opacity of an image with transparent pixels (turned as read_image turns it), else None."""
     with Image.open(path) as im:
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            alpha = np.asarray(ImageOps.exif_transpose(im.convert("RGBA")) or im.convert("RGBA"))[..., 3]
-    if alpha is None or alpha.min() == 255 or alpha.shape != rgb.shape[:2]:
-        return rgb
-    h, w = rgb.shape[:2]
-    under = fit_to_size(source_frame, w, h).astype(np.float32)
+        if not (im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)):
+            return None
+        rgba = im.convert("RGBA")
+        alpha = np.asarray(ImageOps.exif_transpose(rgba) or rgba)[..., 3]
+    return None if alpha.min() == 255 else alpha
+
+
+def _over(rgb_on_black: np.ndarray, alpha: np.ndarray, under: np.ndarray, path) -> np.ndarray:
     a = alpha.astype(np.float32)[..., None] / 255.0
     logging.getLogger("loraedit").info("%s: %.0f%% of it is transparent; the video's frame shows there", path,
                                        100 * float((alpha < 128).mean()))
     # read_image composited the image onto black: rgb = colour × alpha
-    return np.clip(rgb.astype(np.float32) + under * (1 - a) + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(rgb_on_black.astype(np.float32) + under.astype(np.float32) * (1 - a) + 0.5, 0, 255).astype(np.uint8)
+
+
+def read_edited_fitted(path: str | Path, frame: np.ndarray, src_w: int, src_h: int, stored: tuple[int, int] | None = None) -> np.ndarray:
+    """An edited frame at the working size of `frame` (a prepared frame, H×W), where it is transparent
+    showing `frame`: the image is fitted first, the way the frames were, then composited, so the
+    video shows through in the right place."""
+    height, width = frame.shape[:2]
+    img = fit_edited(read_image(path), width, height, src_w, src_h, str(path), stored)
+    alpha = image_alpha(path)
+    if alpha is None:
+        return img
+    a = fit_edited(np.repeat(alpha[..., None], 3, axis=2), width, height, src_w, src_h, str(path), stored, quiet=True)[..., 0]
+    return _over(img, a, frame, path)
+
+
+def read_edited(path: str | Path, source_frame: np.ndarray) -> np.ndarray:
+    """An edited frame → (H, W, 3) uint8 RGB. Where it is transparent (an edit exported as a layer,
+    a PNG with the background erased) it shows `source_frame`, the video frame it edits at the
+    source's size (whole, uncropped: the image is the same picture at its own size, so it is
+    resized to it): transparent pixels mean "unchanged", not black."""
+    rgb = read_image(path)
+    alpha = image_alpha(path)
+    if alpha is None or alpha.shape != rgb.shape[:2]:
+        return rgb
+    h, w = rgb.shape[:2]
+    sh, sw = source_frame.shape[:2]
+    if abs(w / h - sw / sh) <= 0.02 * sw / sh:  # the source's picture, or the working size's crop of it
+        under = fit_to_size(source_frame, w, h)
+    else:  # an anamorphic video's stored size: the same picture, squeezed
+        under = cv2.resize(source_frame, (w, h), interpolation=cv2.INTER_AREA)
+    return _over(rgb, alpha, under, path)
 
 
 def read_gray(path: str | Path) -> np.ndarray:

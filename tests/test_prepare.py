@@ -90,3 +90,62 @@ def test_a_reference_that_cannot_be_used_is_refused_before_the_frames_are_tracke
         prepare.run(_args(clip, tmp_path, ref=[f"8={tmp_path / 'square.png'}"]), tmp_path / "a")
     with pytest.raises(InputError, match="broken.png: cannot be read as an image"):
         prepare.run(_args(clip, tmp_path, ref=[f"8={tmp_path / 'broken.png'}"]), tmp_path / "b")
+
+
+def _textured_video(path, frames=17, h=64, w=120, sar=None):
+    import av
+    import cv2
+
+    rng = np.random.default_rng(1)
+    scene = cv2.GaussianBlur((rng.random((h, w + frames, 3)) * 255).astype(np.uint8), (0, 0), 1.5)
+    video = np.stack([np.ascontiguousarray(scene[:, i:i + w]) for i in range(frames)])
+    with av.open(str(path), "w") as out:
+        lossless = path.suffix == ".mkv"
+        s = out.add_stream("ffv1" if lossless else "libx264", rate=16)
+        s.pix_fmt, s.height, s.width = "bgr0" if lossless else "yuv420p", h, w
+        if sar is not None:
+            s.codec_context.sample_aspect_ratio = sar
+        for f in video:
+            out.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(s.encode())
+    return video
+
+
+def test_a_transparent_reference_at_the_source_size_shows_the_frame_in_the_right_place(tmp_path):
+    """A 120x64 clip worked at 96x64 (cropped): a transparent reference at the source size showed a
+    re-cropped, stretched frame behind the edit (32 grey levels off)."""
+    from PIL import Image
+
+    video = _textured_video(tmp_path / "clip.mkv")
+    edited = video[0].copy()
+    edited[20:40, 50:70] = (250, 30, 30)
+    Image.fromarray(edited).save(tmp_path / "first.png")
+    layer = np.zeros((64, 120, 4), np.uint8)
+    layer[20:40, 50:70] = (250, 30, 30, 255)
+    Image.fromarray(layer, "RGBA").save(tmp_path / "ref8.png")
+    s = PrepareSettings(model="unused", video=str(tmp_path / "clip.mkv"), first_frame=str(tmp_path / "first.png"), frames=17,
+                        size="96x64", ref=[f"8={tmp_path / 'ref8.png'}"])
+    prepare.run(s, tmp_path / "run")
+    loaded = prepare.load(tmp_path / "run")
+    ref, frame = loaded["refs"][8].astype(int), loaded["source"][8].astype(int)
+    outside = np.ones((64, 96), bool)
+    outside[18:42, 36:58] = False  # the patch (x 50-70 of 120 is 38-58 of the 96-wide crop) and its edge
+    assert np.abs(ref - frame)[outside].mean() < 1.0
+
+
+def test_an_edited_frame_at_an_anamorphic_videos_stored_size_is_accepted(tmp_path):
+    """ffmpeg -frames:v 1 grabs the stored 96x64 picture of a clip shown at 128x64; it was refused as 'another aspect'."""
+    from fractions import Fraction
+
+    from loraedit.video import write_png
+
+    video = _textured_video(tmp_path / "ana.mp4", w=96, sar=Fraction(4, 3))
+    edited = video[0].copy()
+    edited[20:40, 30:50] = (250, 30, 30)
+    write_png(tmp_path / "grab.png", edited)  # the stored size
+    s = PrepareSettings(model="unused", video=str(tmp_path / "ana.mp4"), first_frame=str(tmp_path / "grab.png"), frames=17,
+                        size="128x64")
+    plan = prepare.run(s, tmp_path / "run")
+    assert (plan["source_width"], plan["source_height"], plan["source_stored"]) == (128, 64, [96, 64])
+    first = prepare.load(tmp_path / "run")["first"]
+    assert first.shape == (64, 128, 3) and first[25:35, 45:62, 0].mean() > 200  # the edit, widened with the picture

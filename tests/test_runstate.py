@@ -381,23 +381,6 @@ def test_after_an_interrupted_edit_render_refuses_and_train_alone_finishes_it(ti
     assert "is not trained yet" in capsys.readouterr().err
 
 
-def test_a_reused_lora_keeps_the_record_of_the_encodings_it_was_trained_from(tiny_model, clip, tmp_path):
-    """Without references the first frame is not a training input: another one renders with the same
-    LoRA. The training record was rewritten to name the new encodings, made after the LoRA."""
-    run = tmp_path / "run"
-    argv = edit_argv(tiny_model, clip, run, "--steps", "1", "--render-steps", "1")
-    assert main(argv) == 0
-    before = json.loads((run / "train" / "record.json").read_text())
-    lora = (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
-    argv[argv.index("--first-frame") + 1] = str(_recoloured(clip["first_frame"], tmp_path, "other.png", (40, 220, 40)))
-    assert main(argv) == 0
-    after = json.loads((run / "train" / "record.json").read_text())
-    assert (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == lora  # reused
-    renders = [json.loads(p.read_text()) for p in sorted(run.glob("render*/settings.json"))]
-    assert len(renders) == 2 and renders[0]["encoding"] != renders[1]["encoding"]  # the new first frame: new encodings
-    assert after["encoding"] == before["encoding"]
-
-
 def test_the_same_frames_at_another_frame_rate_are_rendered_again_not_reused(tiny_model, clip, tmp_path):
     """The frames, region and LoRA are the same, but edited.mp4 plays at the source's rate: it was reused at the old one."""
     import av

@@ -308,3 +308,7 @@ def test_a_two_expert_run_offers_both_loras_and_can_be_rendered_again(tmp_path):
     (run / "train" / "low_noise" / "checkpoints" / "step-000002").mkdir(parents=True)
     (run / "train" / "low_noise" / "done.json").unlink()
     assert training_unfinished(run) == "its training was interrupted and is not finished"
+    # the high-noise expert done, the low-noise one stopped before its first checkpoint (loading 14B takes minutes)
+    (run / "train" / "low_noise" / "checkpoints" / "step-000002").rmdir()
+    (run / "train" / "training.json").write_text("{}")  # what `train` writes before it starts
+    assert training_unfinished(run) == "its training was interrupted and is not finished"
