@@ -120,7 +120,10 @@ def _ready(run_dir: Path, s):
     from loraedit.models import check_attention, resolve_device
 
     s = _with_run_model(run_dir, s)
-    s.check_files()
+    if isinstance(s, TrainSettings):
+        s.check_files(run_dir)  # captions the run already made need no captioner
+    else:
+        s.check_files()
     s = s.replace(model=_check_model(s.model))
     device = resolve_device(s.device)
     check_attention(s.attention, device)  # an attention kernel this machine lacks: one line before any model loads
@@ -283,16 +286,24 @@ def _encode(run_dir: Path, es, prepared: dict, hashes: dict, device):
     path = run_dir / "cache" / f"encoded-{key}.safetensors"
     reuse = None
     base = runstate.sha256_json([{k: hashes[k] for k in ("frames", "region", "refs", "geometry")}, es.model, es.mode])
+    weights = runstate.model_identity(es.model).get("weights")
+
+    def other_weights(p: Path) -> bool:  # made with weights since replaced at the same path (older caches do not say)
+        return encode.cache_metadata(p).get("weights", weights) != weights
+
+    if path.is_file() and other_weights(path):
+        log.info("%s: encoded with other weights at %s; encoding again", path.name, es.model)
+        path.unlink()
     if not path.is_file():
         # a cache of the same frames, regions and references (another first frame or prompt):
         # what does not depend on those is copied, not encoded again
         for other in sorted((run_dir / "cache").glob("encoded-*.safetensors")):
-            if encode.cache_metadata(other).get("base") == base:
+            if encode.cache_metadata(other).get("base") == base and not other_weights(other):
                 reuse = load_file(str(other))
                 break
     t0 = time.perf_counter()
     made = not path.is_file()
-    cache = encode.run(es, path, prepared, device, reuse=reuse, key=key, base=base)
+    cache = encode.run(es, path, prepared, device, reuse=reuse, key=key, base=base, weights=weights)
     return cache, key, (time.perf_counter() - t0) if made else None
 
 
@@ -436,11 +447,24 @@ def _render_plan(run_dir: Path, s: RenderSettings) -> tuple[dict, dict, object, 
     record.update(first_frame=hashes["first_frame"], encoding=_encoding_key(hashes, es),
                   lora=lora_digest(run_dir), model=runstate.model_identity(s.model), prompt=es.texts[1])
     # what the video file gets beyond the frames: their rate, and the sound of the source it was prepared from
-    plan = prepared["plan"]
-    prep_rec = read_json(run_dir / "prepare" / "record.json") if (run_dir / "prepare" / "record.json").is_file() else {}
-    in_sync = plan.get("audio_in_sync", plan["indices"] == list(range(plan["frames"])))
-    record.update(fps=plan["fps"], sound=prep_rec.get("inputs", {}).get("video") if plan.get("has_audio") and in_sync else None)
+    record.update(fps=prepared["plan"]["fps"], sound=_source_sound(run_dir, prepared["plan"]))
     return prepared, hashes, es, record
+
+
+def _source_sound(run_dir: Path, plan: dict) -> str | None:
+    """The sha256 of the source video whose sound the render carries: None when the clip has none, the
+    frames do not start at its start, or the file at the recorded path is gone or another file now
+    (another clip's sound under these frames would be wrong)."""
+    in_sync = plan.get("audio_in_sync", plan["indices"] == list(range(plan["frames"])))
+    video = recorded_settings(run_dir, PrepareSettings).get("video")
+    if not (plan.get("has_audio") and in_sync and video):
+        return None
+    prep_rec = run_dir / "prepare" / "record.json"
+    was = read_json(prep_rec).get("inputs", {}).get("video") if prep_rec.is_file() else None
+    if not Path(video).is_file() or (was is not None and runstate.file_hashes({"video": video}).get("video") != was):
+        log.warning("render: %s is gone or has changed since it was prepared; the result gets no sound from it", video)
+        return None
+    return was
 
 
 RENDER_KEYS_ADDED = ("fps", "sound")  # recorded since 2026-11-27: a render recorded before is compared without them
@@ -495,14 +519,8 @@ def render(run_dir: str | Path, s: RenderSettings, name: str | None = None, prog
         # the caption is the trained run's (train's --edit-prompt), not a render setting: say which one it is
         log.info("render: with the run's edited-video caption %r (`loraedit edit --edit-prompt` renders another)", es.texts[1])
         cache, key, _ = _encode(run_dir, es, prepared, hashes, device)
-        source_video = recorded_settings(run_dir, PrepareSettings).get("video")
-        if source_video and Path(source_video).is_file():
-            # the sound comes from the source file: only while it is the file the frames were taken from
-            was = read_json(run_dir / "prepare" / "record.json").get("inputs", {}).get("video") \
-                if (run_dir / "prepare" / "record.json").is_file() else None
-            if was is not None and runstate.file_hashes({"video": source_video}).get("video") != was:
-                log.warning("render: %s has changed since it was prepared; the result gets no sound from it", source_video)
-                source_video = None
+        # the sound comes from the source file, only while it is the file the frames were taken from (_source_sound)
+        source_video = recorded_settings(run_dir, PrepareSettings).get("video") if record["sound"] else None
         figures = stage.run(s, run_dir, prepared, cache, device, out_dir, progress=progress, source_video=source_video,
                             record=record)
         manifest.update(run_dir, out_dir.name, dict(figures, cache=f"cache/encoded-{key}.safetensors"), s.to_dict(),
@@ -523,7 +541,7 @@ def edit(run_dir: str | Path, prep: PrepareSettings, tr: TrainSettings, rend: Re
         if rend.model is None:
             rend = rend.replace(model=prep.model)
         prep.check_files()
-        tr.check_files()  # a missing captioner is said before the frames are prepared
+        tr.check_files(run_dir)  # a missing captioner is said before the frames are prepared
         rend.check_files()  # and a setting the model does not take (--guidance-2)
         from loraedit.models import resolve_device
 

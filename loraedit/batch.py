@@ -279,7 +279,7 @@ def job_argv(job: Job, run_dir: Path, actions: dict[str, argparse.Action] | None
 
 def fingerprint(job: Job) -> str:
     """What a finished job's result depends on: its settings and the bytes of its input files (for
-    the model only its small config files: the weights are tens of GB)."""
+    the model its small config files and a fingerprint of its weights: they are tens of GB)."""
     from loraedit.files import sha256_path
 
     settings = dict(job.settings)
@@ -288,8 +288,11 @@ def fingerprint(job: Job) -> str:
     hashes = {str(f): sha256_path(f) for f in files if isinstance(f, str) and Path(f).exists()}
     model = Path(str(settings.get("model", "")))
     if model.is_dir():
+        from loraedit.runstate import model_identity
+
         hashes.update({str(p): sha256_path(p) for p in sorted(model.glob("*/*config.json")) + [model / "model_index.json"]
                        if p.is_file()})
+        hashes[f"{model} weights"] = model_identity(str(model))["weights"]  # weights replaced in place: not done
     blob = json.dumps({"settings": settings, "inputs": hashes}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -142,7 +142,7 @@ def to_uint8(frame: torch.Tensor) -> np.ndarray:
 
 
 def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, reuse: dict[str, torch.Tensor] | None = None,
-        key: str = "", base: str = "") -> dict[str, torch.Tensor]:
+        key: str = "", base: str = "", weights: str | None = None) -> dict[str, torch.Tensor]:
     """Encode everything for `prepared` into `path`, or read it back if it is already there.
 
     path is named by the hash of everything encoded into it (the caller's `key`), so a file that
@@ -213,5 +213,8 @@ def run(args: EncodeSettings, path: Path, prepared: dict, device: torch.device, 
     del vae
     release_memory()
     with atomic_output(path) as tmp:
-        save_file({k: v.contiguous() for k, v in out.items()}, str(tmp), metadata={"key": key, "base": base})
+        # weights: the model's weight fingerprint (runstate.model_identity), so weights replaced in place
+        # at the same path are never read back from a cache made with the old ones
+        save_file({k: v.contiguous() for k, v in out.items()}, str(tmp),
+                  metadata={"key": key, "base": base, **({"weights": weights} if weights else {})})
     return out

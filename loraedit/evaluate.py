@@ -36,6 +36,7 @@ from loraedit.errors import InputError
 log = logging.getLogger("loraedit")
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # not .gif: an animated one is a clip
 COLUMNS = (("clip_score", "CLIP score", 4), ("input_similarity", "input sim", 4), ("deqa", "DeQA", 3),
            ("psnr_out", "PSNR out (dB)", 2), ("ssim_out", "SSIM out", 4), ("first_psnr", "frame-0 PSNR", 2),
            ("warp_err", "warp err", 2))
@@ -296,8 +297,8 @@ def load_video(path: Path, like: Path | None, source: str | None, first_frame: s
         raise InputError(f"--source {source}: is a folder; pass the source video the result was made from")
     if not Path(source).is_file():
         raise InputError(f"--source {source}: no such file")
-    if Path(source).suffix.lower() not in VIDEO_SUFFIXES:
-        raise InputError(f"--source {source}: is not a video ({', '.join(VIDEO_SUFFIXES)}); pass the source video")
+    if Path(source).suffix.lower() in IMAGE_SUFFIXES:
+        raise InputError(f"--source {source}: is an image; pass the source video the result was made from")
     from loraedit.video import probe_video
 
     src_info, out_info = probe_video(source), probe_video(path)
@@ -330,11 +331,15 @@ def load_video(path: Path, like: Path | None, source: str | None, first_frame: s
 
 
 def _same_aspect(what: str, w: int, h: int, W: int, H: int, path: Path) -> None:
-    """A comparison input must show the result's picture: its aspect within 5% (a 16:9 source edited
-    at 832x480 is 2.5% off; cropping to the result's aspect then cuts little)."""
-    if abs((w / h) / (W / H) - 1) > 0.05:
+    """A comparison input must show the result's picture. It is centre-cropped to the result's aspect,
+    as prepare crops a clip to its --size (a 4:3 source edited at 832x480: said in a line); one whose
+    aspect is more than twice off cannot be the picture the result was made from."""
+    off = (w / h) / (W / H)
+    if max(off, 1 / off) > 2:
         raise InputError(f"{what}: is {w}x{h}, another aspect ratio than the result's {W}x{H} ({path}); "
                          "pass the file the result was made from")
+    if max(off, 1 / off) > 1.05:
+        log.warning("%s: is %dx%d, the result %dx%d: centre-cropped to the result's aspect, as prepare crops", what, w, h, W, H)
 
 
 def load_run_inputs(run_dir: Path) -> Scored:

@@ -505,7 +505,8 @@ class TrainSettings(Settings):
         if problem:
             raise InputError(problem)
 
-    def check_files(self) -> None:
+    def check_files(self, run_dir: Path | None = None) -> None:
+        """run_dir: the run trained, whose cache/captions.json may already hold --caption auto's captions."""
         if self.model is None:
             raise InputError("--model is required: a Wan I2V folder in diffusers layout")
         names = linear_layer_names(self.model)
@@ -515,7 +516,8 @@ class TrainSettings(Settings):
         if self.caption == "auto" and self.captioner and Path(self.captioner).is_absolute() and not Path(self.captioner).is_dir():
             raise InputError(f"{self.captioner}: no such Florence-2 folder (--captioner); give a local Florence-2 folder in the "
                              "transformers layout, or write --prompt / --edit-prompt yourself")
-        if self.caption == "auto" and not (self.prompt and self.edit_prompt is not None):
+        captioned = run_dir is not None and (Path(run_dir) / "cache" / "captions.json").is_file()
+        if self.caption == "auto" and not (self.prompt and self.edit_prompt is not None) and not captioned:
             from loraedit.caption import DEFAULT_CAPTIONER
 
             captioner = self.captioner or DEFAULT_CAPTIONER

@@ -391,8 +391,7 @@ def lora_files(run_dir: Path) -> list[str]:
     """The trained LoRA's files to download: lora/ of one transformer, lora/high_noise and
     lora/low_noise of a two-expert model (Wan2.2-A14B)."""
     lora = Path(run_dir) / "lora"
-    names = ("pytorch_lora_weights.safetensors", "wan_lora.safetensors")
-    return [str(p) for d in (lora, *sorted(q for q in lora.glob("*") if q.is_dir())) for p in (d / n for n in names) if p.is_file()]
+    return [str(p) for p in sorted(lora.glob("*.safetensors")) + sorted(lora.glob("*/*.safetensors"))]
 
 
 def run_table(root: Path) -> list[list]:

@@ -658,10 +658,13 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, lossless: bool
                 duration = len(frames) / float(rate)
                 src = audio_in.streams.audio[0]
                 if transcode:
+                    samples = 0
                     for frame in audio_in.decode(src):
                         if frame.time is not None and frame.time > duration:
                             break
-                        frame.pts = None  # the encoder counts samples itself
+                        # timestamps in samples from the start, as the encoder's time base counts them
+                        frame.pts, frame.time_base = samples, Fraction(1, frame.sample_rate)
+                        samples += frame.samples
                         out.mux(audio_out.encode(frame))
                     out.mux(audio_out.encode(None))
                 for packet in [] if transcode else audio_in.demux(src):

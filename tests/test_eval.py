@@ -223,6 +223,9 @@ def test_eval_source_at_another_frame_rate_or_aspect(world_clip, tmp_path, capsy
     table = tmp_path / "t.md"
     assert main(["eval", str(tmp_path / "result.mkv"), "--source", str(tmp_path / "src48.mkv"), "--table", str(table), "-q"]) == 0
     assert "| 99.00 |" in table.read_text()  # the same pictures at the same times
+    wider = np.stack([cv2.resize(f, (f.shape[1] * 4 // 3, f.shape[0])) for f in c.source])  # a crop of it was edited
+    write_video(tmp_path / "wider.mkv", wider, c.fps, lossless=True)
+    assert main(["eval", str(tmp_path / "result.mkv"), "--source", str(tmp_path / "wider.mkv"), "-q"]) == 0
     wide = np.stack([cv2.resize(f, (f.shape[1] * 4, f.shape[0])) for f in c.source])
     write_video(tmp_path / "wide.mkv", wide, c.fps, lossless=True)
     write_png(tmp_path / "wide.png", wide[0])
@@ -250,7 +253,7 @@ def test_eval_refuses_inputs_that_cannot_be_what_a_result_was_made_from(world_cl
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "prepare").mkdir()
     (tmp_path / "run" / "prepare" / "plan.json").write_text("{}")
-    cases = [(["--source", str(tmp_path / "frame.png")], "is not a video"),  # every metric was "–", exit 0
+    cases = [(["--source", str(tmp_path / "frame.png")], "is an image; pass the source video"),  # every metric was "–", exit 0
              (["--source", str(tmp_path)], "is a folder; pass the source video"),
              (["--like", str(tmp_path / "run"), "--source", str(tmp_path / "result.mkv")], "not both"),
              (["--render", "../other/render"], "--render '../other/render': must be the name of a folder inside the run")]

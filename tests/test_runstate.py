@@ -309,7 +309,7 @@ def test_a_record_from_before_a_setting_existed_counts_as_its_default(base_run, 
     assert "--colour-copies 0 → 1" in capsys.readouterr().err
 
 
-def test_weights_replaced_in_place_at_the_same_size_are_noticed(base_run, tiny_model, clip, tmp_path, capsys):
+def test_weights_replaced_in_place_at_the_same_size_are_noticed(base_run, tiny_model, clip, tmp_path, capsys, caplog):
     """Another checkpoint of the same architecture saved over the model's files (same names, same
     sizes): the LoRA and render were reused. VAE and encoder files did not count at all."""
     model = tmp_path / "model"
@@ -330,6 +330,10 @@ def test_weights_replaced_in_place_at_the_same_size_are_noticed(base_run, tiny_m
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 1 and "its weights or configs have changed since the run's LoRA was trained" in err[0], err
     assert (run / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == lora  # nothing replaced
+    # --restart trains on encodings made with the new VAE, not the cache of the old one (same path, same key)
+    with caplog.at_level("INFO"):
+        assert main(_argv(model, clip, run, "--restart")) == 0
+    assert "encoded with other weights" in caplog.text
     # a folder copied elsewhere keeps its identity: a run trained on one renders with the other
     shutil.copytree(model, tmp_path / "moved")
     assert main(_argv(model, clip, tmp_path / "r2")) == 0

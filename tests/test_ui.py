@@ -300,10 +300,13 @@ def test_a_two_expert_run_offers_both_loras_and_can_be_rendered_again(tmp_path):
     for expert in ("high_noise", "low_noise"):
         (run / "lora" / expert).mkdir(parents=True)
         (run / "lora" / expert / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+        (run / "lora" / expert / f"wan_lora_{expert}.safetensors").write_bytes(b"x")  # ComfyUI's
         (run / "train" / expert).mkdir(parents=True)
         (run / "train" / expert / "done.json").write_text("{}")
     (run / "train" / "record.json").write_text('{"settings": {"steps": 4}}')
-    assert [Path(p).parent.name for p in ui.lora_files(run)] == ["high_noise", "low_noise"]
+    assert [str(Path(p).relative_to(run / "lora")) for p in ui.lora_files(run)] == [
+        "high_noise/pytorch_lora_weights.safetensors", "high_noise/wan_lora_high_noise.safetensors",
+        "low_noise/pytorch_lora_weights.safetensors", "low_noise/wan_lora_low_noise.safetensors"]
     assert training_unfinished(run) is None
     (run / "train" / "low_noise" / "checkpoints" / "step-000002").mkdir(parents=True)
     (run / "train" / "low_noise" / "done.json").unlink()
