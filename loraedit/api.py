@@ -182,7 +182,7 @@ REPLACED_PARTS = ("prepare", ".prepare-new", ".prepare-old", "train", "lora", "c
 def _refuse_inputs_the_run_replaces(run_dir: Path, s: PrepareSettings) -> None:
     """An input inside a folder this run replaces (say prepare/source/000.png, edited in place as
     the frame to start from) would be overwritten by the new prepare: refused while it is intact."""
-    files = {"--first-frame": s.first_frame, "--mask": s.mask, "--masks": s.masks}
+    files = {"--first-frame ": s.first_frame, "--mask ": s.mask, "--masks ": s.masks}
     files.update({f"--ref {k}=": p for k, p in s.ref.items()})
     run = run_dir.resolve()
     for flag, path in files.items():
@@ -191,8 +191,9 @@ def _refuse_inputs_the_run_replaces(run_dir: Path, s: PrepareSettings) -> None:
         where = Path(path).resolve()
         for part in REPLACED_PARTS:
             if where == run / part or (run / part) in where.parents:
-                raise InputError(f"{flag} {path}: is inside the run's {part}/ folder, which this command rewrites; "
-                                 f"copy it out first (e.g. cp {path} {run_dir.parent / Path(path).name}) and pass the copy")
+                cp = "cp -r" if where.is_dir() else "cp"
+                raise InputError(f"{flag}{path}: is inside the run's {part}/ folder, which this command rewrites; "
+                                 f"copy it out first (e.g. {cp} {path} {run_dir.parent / Path(path).name}) and pass the copy")
 
 
 def prepare(run_dir: str | Path, s: PrepareSettings, restart: bool = False, then_train: TrainSettings | None = None) -> dict:

@@ -50,6 +50,7 @@ log = logging.getLogger("loraedit")
 
 NOT_JOB_KEYS = ("out", "config", "quiet", "command", "func", "name", "restart")  # flags a job may not set
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+RESERVED = ("batch.json", "index.html")  # the batch folder's own files: not a job's run folder
 # Ray workers share the node's cores with other jobs: no busy-waiting OpenMP threads
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -183,6 +184,9 @@ def _check(job: Job, actions: dict[str, argparse.Action]) -> None:
         return
     if not NAME.match(job.name):
         job.error = f"{job.origin}: job name '{job.name}' is not a folder name; use letters, digits, '.', '-', '_'"
+        return
+    if job.name in RESERVED:
+        job.error = f"{job.origin}: job name '{job.name}' is a file of the batch folder itself; choose another name"
         return
     for k, v in job.settings.items():
         if k not in actions:

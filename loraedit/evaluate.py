@@ -427,6 +427,11 @@ def run_eval(args) -> int:
     for t in targets:
         if not t.exists():
             raise InputError(f"{t}: no such run folder or video")
+    given = [f for f, v in (("--like", args.like), ("--source", args.source), ("--first-frame", args.first_frame),
+                            ("--mask", args.mask)) if v]
+    if given and all(t.is_dir() for t in targets):  # they were silently ignored
+        raise InputError(f"{given[0]}: is for scoring a result video; a run folder is scored on its own prepared "
+                         "source, first frame and region")
     if args.table:  # checked before the scoring, which can take minutes: one line, not a lost table at the end
         from loraedit.cli import check_out
 

@@ -195,13 +195,20 @@ def warn_about_crop(info: VideoInfo, size: tuple[int, int], explicit: bool, sour
     if edit_cut > 0.005 or (explicit and frame_cut > CROP_WARN):
         part = f" and {100 * edit_cut:.0f}% of the edit" if edit_cut > 0.005 else ""
         fit = aspect_size(info.width, info.height, width * height)
-        if fit != (width, height) and crop_fraction(info.width, info.height, *fit) < frame_cut:
+        exact = _exact_aspect_size(info.width, info.height, width * height)
+        if fit != (width, height) and crop_fraction(info.width, info.height, *fit) < 0.005:
+            advice = "--size %dx%d keeps the whole frame at about the same pixel count" % fit  # the default size rule's
+        elif exact and abs(math.log(exact[0] * exact[1] / (width * height))) <= math.log(1.25):
+            advice = "--size %dx%d keeps the whole frame" % exact  # the clip's exact aspect, near this pixel count
+        elif fit != (width, height) and crop_fraction(info.width, info.height, *fit) < frame_cut:
             whole = "the whole frame" if crop_fraction(info.width, info.height, *fit) < 0.005 else "more of the frame"
             advice = "--size %dx%d keeps %s at about the same pixel count" % (*fit, whole)
-        else:  # no multiple-of-16 size near this pixel count has the clip's aspect: the nearest that has
-            exact = _exact_aspect_size(info.width, info.height, width * height)
-            advice = ("--size %dx%d keeps the whole frame" % exact if exact else
-                      "no size in multiples of 16 has this clip's aspect; pad the video to one that does to keep it all")
+            if exact and whole != "the whole frame":
+                advice += "; --size %dx%d keeps all of it" % exact
+        elif exact:
+            advice = "--size %dx%d keeps the whole frame" % exact
+        else:
+            advice = "no size in multiples of 16 has this clip's aspect; pad the video to one that does to keep it all"
         log.warning("%s: the size %dx%d cuts away %.0f%% of the %dx%d frame%s; %s",
                     path, width, height, 100 * frame_cut, info.width, info.height, part, advice)
     return {"frame_cut": round(frame_cut, 4), "edit_cut": round(edit_cut, 4)}

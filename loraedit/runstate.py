@@ -140,8 +140,8 @@ def _shown(value) -> str:
     """A value as typed on the command line: quoted where it is empty or has spaces ('' → 'a man')."""
     if value is None:
         return "(none)"
-    if isinstance(value, dict):  # --ref: the frame numbers ({} → (none); {'4': path} → 4)
-        return "+".join(str(k) for k in value) or "(none)"
+    if isinstance(value, dict):  # --ref: frame=file ({} → (none); {'4': '/x/r4.png'} → 4=r4.png)
+        return "+".join(f"{k}={Path(str(v)).name}" for k, v in value.items()) or "(none)"
     if isinstance(value, (list, tuple)):
         return "; ".join(_shown(v) for v in value) or "(none)"
     if isinstance(value, str) and (not value or any(c.isspace() for c in value)):
@@ -158,14 +158,20 @@ def describe_changes(old: dict, new: dict) -> str:
     for k in differences(settings_old, settings_new):
         key = k.split(".")[0]
         a, b = settings_old.get(key), settings_new.get(key)
-        shown = f"{_shown(a)} → {_shown(b)}" if len(repr(a)) + len(repr(b)) < 60 else "changed"
+        shown = f"{_shown(a)} → {_shown(b)}" if len(_shown(a)) + len(_shown(b)) < 60 and _shown(a) != _shown(b) else "changed"
         parts.append(f"--{key.replace('_', '-')} {shown}")
+    refs_given = any(p.startswith("--ref ") for p in parts)
     names = {"frames": "the source frames", "region": "the edit region", "first_frame": "the edited first frame",
              "refs": "the reference images", "geometry": "the frame selection, size or mode", "model": "the model (its configs or weights)",
              "video": "the video's contents", "mask": "the mask file's contents", "masks": "the masks folder's contents"}
     seen = []
-    for k in differences(old.get("inputs", {}), new.get("inputs", {})):
+    inputs_old, inputs_new = old.get("inputs", {}), new.get("inputs", {})
+    for k in differences(inputs_old, inputs_new):
         key = k.split(".")[0]
+        if key == "first_frame" and (key not in inputs_old or key not in inputs_new):
+            continue  # it joins the trained inputs with references (stage 2's CLIP embedding): not a change of its own
+        if refs_given and (key == "refs" or key.startswith("ref ")):
+            continue  # the --ref change already says it
         label = names.get(key) or (f"reference {key.split()[1]}'s contents" if key.startswith("ref ") else key)
         if label not in seen:
             seen.append(label)

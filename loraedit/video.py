@@ -61,7 +61,7 @@ def _open(path: str | Path):
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a folder; pass a video file (a folder of frames: make it a video first, "
-                         f"e.g. ffmpeg -framerate 16 -i {path}/%05d.png clip.mp4)")
+                         f"e.g. ffmpeg -framerate 16 -pattern_type glob -i '{path}/*.png' -crf 12 clip.mp4)")
     if not path.is_file():
         raise InputError(f"{path}: no such video file; check the path")
     try:
@@ -313,6 +313,9 @@ def choose_frames(info: VideoInfo, frames: int | None, start: Start | str | int 
         rate = fps if fps is not None else model_fps
         if src_fps <= rate * 1.01:
             # a clip no faster than the rate: its own frames (repeating frames would add no motion)
+            if fps is not None and src_fps < fps * 0.99:
+                logging.getLogger("loraedit").warning("--fps %g: the clip has %g frames a second; its own frames are taken, "
+                                                      "at its own rate", fps, src_fps)
             rule, rate = "source rate", src_fps
         else:
             rule = "--fps" if fps is not None else "model rate"

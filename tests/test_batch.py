@@ -151,6 +151,13 @@ def test_a_job_named_like_a_path_fails_alone_and_writes_nothing_outside_its_fold
     assert all(p.name.startswith("invalid-name-") for p in (root / ".jobs").iterdir())
 
 
+def test_a_job_named_like_the_batch_folders_own_files_fails_alone(tmp_path):
+    f = tmp_path / "jobs.toml"
+    f.write_text('[[job]]\nname = "index.html"\nvideo = "x.mp4"\n[[job]]\nname = "ok"\nvideo = "x.mp4"\n')
+    jobs = load_jobs(str(f))
+    assert "is a file of the batch folder itself" in jobs[0].error and jobs[1].error is None
+
+
 def test_a_variant_without_a_name_fails_its_job(tmp_path):
     f = tmp_path / "jobs.toml"
     f.write_text('[[job]]\nname = "a"\nvideo = "x.mp4"\n[[job.variant]]\nsteps = 3\n[[job.variant]]\nname = "b"\nsteps = 4\n')

@@ -687,7 +687,7 @@ def test_an_input_edited_in_place_inside_the_run_folder_is_refused_not_overwritt
     ref_inside = run / "prepare" / "source" / "004.png"
     before = {p: p.read_bytes() for p in (inside, ref_inside)}
     capsys.readouterr()
-    for extra, flag in ((["--first-frame", str(inside)], "--first-frame"), (["--ref", f"4={ref_inside}"], "--ref 4=")):
+    for extra, flag in ((["--first-frame", str(inside)], f"--first-frame {inside}:"), (["--ref", f"4={ref_inside}"], f"--ref 4={ref_inside}:")):
         assert main(argv + extra) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 1 and f"loraedit: error: {flag}" in err[0] and "inside the run's prepare/ folder" in err[0], err

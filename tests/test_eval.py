@@ -256,9 +256,10 @@ def test_eval_refuses_inputs_that_cannot_be_what_a_result_was_made_from(world_cl
     cases = [(["--source", str(tmp_path / "frame.png")], "is an image; pass the source video"),  # every metric was "–", exit 0
              (["--source", str(tmp_path)], "is a folder; pass the source video"),
              (["--like", str(tmp_path / "run"), "--source", str(tmp_path / "result.mkv")], "not both"),
-             (["--render", "../other/render"], "--render '../other/render': must be the name of a folder inside the run")]
+             (["--render", "../other/render"], "--render '../other/render': must be the name of a folder inside the run"),
+             (["--source", str(tmp_path / "result.mkv")], "--source: is for scoring a result video; a run folder is scored")]
     for flags, expect in cases:
-        target = str(tmp_path / "run") if flags[0] == "--render" else str(tmp_path / "result.mkv")
+        target = str(tmp_path / "run") if flags[0] == "--render" or flags == cases[-1][0] else str(tmp_path / "result.mkv")
         assert main(["eval", target, *flags, "-q"]) == 2, flags
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 1 and expect in err[0], err

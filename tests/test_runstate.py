@@ -414,4 +414,11 @@ def test_change_descriptions_read_as_typed():
     text = describe_changes({"settings": {"mask": None, "ref": {}, "steps": 4}},
                             {"settings": {"mask": "/data/clips/a-rather-long-folder-name/walk_mask.mkv", "ref": {"4": "/x/r4.png"},
                                           "steps": 6}})
-    assert text == "--mask (none) → walk_mask.mkv, --ref (none) → 4, --steps 4 → 6", text
+    assert text == "--mask (none) → walk_mask.mkv, --ref (none) → 4=r4.png, --steps 4 → 6", text
+    # another file for the same reference, and references added to a run trained without: said once each
+    text = describe_changes({"settings": {"ref": {"8": "/a/x.png"}}, "inputs": {"refs": {"8": "h1"}}},
+                            {"settings": {"ref": {"8": "/b/y.png"}}, "inputs": {"refs": {"8": "h2"}}})
+    assert text == "--ref 8=x.png → 8=y.png", text
+    text = describe_changes({"settings": {"ref": {}}, "inputs": {"refs": {}}},
+                            {"settings": {"ref": {"4": "/a/r.png"}}, "inputs": {"refs": {"4": "h"}, "first_frame": "f"}})
+    assert text == "--ref (none) → 4=r.png", text
