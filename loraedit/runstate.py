@@ -75,19 +75,27 @@ def prepared_hashes(prepared: dict) -> dict:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf")
 
 
+_FINGERPRINTS: dict[tuple, str] = {}  # (path, size, mtime) → fingerprint: one read per file per process
+
+
 def weights_fingerprint(path: Path, samples: int = 16) -> str:
     """sha256 of a weight file's size, its first MiB (a safetensors header names every tensor with its
     shape and dtype) and `samples` 64-KiB pieces spread over the rest: another checkpoint of the same
     architecture (a fine-tune saved over the original, same size) differs in all of them, and a copy
     of the folder elsewhere does not. Reads about 2 MiB of a file of many GB."""
-    size = path.stat().st_size
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns, samples)
+    if memo in _FINGERPRINTS:
+        return _FINGERPRINTS[memo]
+    size = st.st_size
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
         h.update(f.read(1 << 20))
         for k in range(1, samples + 1):
             f.seek(size * k // (samples + 1))
             h.update(f.read(1 << 16))
-    return h.hexdigest()
+    _FINGERPRINTS[memo] = h.hexdigest()
+    return _FINGERPRINTS[memo]
 
 
 def model_identity(model: str) -> dict:
