@@ -241,23 +241,30 @@ def test_manifest_keeps_what_each_stage_and_render_was_made_with(base_run, tiny_
         assert rec["lora"] == m["stages"][name]["inputs"]["lora"] and rec["seed"] == m["stages"][name]["settings"]["seed"]
 
 
-def test_a_resume_with_a_changed_training_setting_is_refused(tiny_model, clip, tmp_path, monkeypatch, capsys):
+def _killed_at_step(n: int, argv: list[str], monkeypatch) -> int:
+    """`main(argv)` with the process "killed" (Ctrl-C) during training step n; the exit code."""
     from loraedit import train
 
-    run = tmp_path / "run"
     real_step = train.training_step
     calls = {"n": 0}
 
     def dying_step(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real_step(*a, **k)
 
     monkeypatch.setattr(train, "training_step", dying_step)
+    try:
+        return main(argv)
+    finally:
+        monkeypatch.setattr(train, "training_step", real_step)
+
+
+def test_a_resume_with_a_changed_training_setting_is_refused(tiny_model, clip, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
     argv = edit_argv(tiny_model, clip, run, "--steps", "4", "--checkpoint-every", "2", "--render-steps", "1")
-    assert main(argv) == 130
-    monkeypatch.setattr(train, "training_step", real_step)
+    assert _killed_at_step(3, argv, monkeypatch) == 130
     assert main(argv + ["--lr", "5e-4"]) == 2
     err = capsys.readouterr().err
     assert "partly trained" in err and "--lr 0.0001 → 0.0005" in err
@@ -355,21 +362,9 @@ def test_a_run_recorded_before_weights_were_fingerprinted_is_not_called_stale(ba
 def test_after_an_interrupted_edit_render_refuses_and_train_alone_finishes_it(tiny_model, clip, tmp_path, monkeypatch, capsys):
     """render on a half-trained run wrote the base model's video into render/ (the result's place), and
     `train --out RUN` fell back to default settings (job.json got the edit's only after training)."""
-    from loraedit import train
-
     run = tmp_path / "run"
-    real_step = train.training_step
-    calls = {"n": 0}
-
-    def dying_step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(train, "training_step", dying_step)
-    assert main(edit_argv(tiny_model, clip, run, "--steps", "6", "--checkpoint-every", "2", "--render-steps", "1")) == 130
-    monkeypatch.setattr(train, "training_step", real_step)
+    argv = edit_argv(tiny_model, clip, run, "--steps", "6", "--checkpoint-every", "2", "--render-steps", "1")
+    assert _killed_at_step(4, argv, monkeypatch) == 130
     capsys.readouterr()
     assert main(["render", "--out", str(run), "-q"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
